@@ -1,0 +1,39 @@
+// Package domainxml owns virtblk's edits to libvirt domain XML: the IOThread
+// pool and virtqueue->IOThread mapping on virtio-blk disks, and the redirect
+// of a disk to a vhost-user-blk socket or a vDPA device. Every function is
+// pure: it reads and returns libvirtxml values and does no I/O.
+package domainxml
+
+// IOThreadPlan is what the user asked for: a pool of IOThreads that virtblk
+// adds to the domain, and the disks whose virtqueues are spread over it.
+type IOThreadPlan struct {
+	// PoolSize is the number of IOThreads in virtblk's pool (>= 1).
+	PoolSize int
+	// CPUSet pins every pool IOThread (<cputune><iothreadpin>), in libvirt
+	// cpuset syntax ("2-5", "0,2,4-6"). Empty means no pinning.
+	CPUSet string
+	// Polling sets the pool IOThreads' <poll max grow shrink>; nil leaves
+	// QEMU's defaults.
+	Polling *Polling
+	// Disks are the disks to map, identified by target dev name.
+	Disks []DiskPlan
+}
+
+// Polling is an IOThread's adaptive polling window (libvirt >= 9.4).
+type Polling struct {
+	MaxNS  uint
+	Grow   uint
+	Shrink uint
+}
+
+// DiskPlan maps one disk's virtqueues onto the pool.
+type DiskPlan struct {
+	// Target is the disk's <target dev=...> ("vda", "vdb").
+	Target string
+	// Queues is the number of virtqueues (>= 1).
+	Queues int
+	// QueueMap, if not nil, has one entry per queue: the pool IOThread that
+	// serves it, counted from 0 within the pool (not a libvirt id). Nil
+	// means round-robin: queue q goes to pool thread q % PoolSize.
+	QueueMap []int
+}
