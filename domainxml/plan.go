@@ -15,7 +15,7 @@ type IOThreadPlan struct {
 	// Polling sets the pool IOThreads' <poll max grow shrink>; nil leaves
 	// QEMU's defaults.
 	Polling *Polling
-	// Disks are the disks to map, identified by target dev name.
+	// Disks are the disks to map.
 	Disks []DiskPlan
 }
 
@@ -28,8 +28,9 @@ type Polling struct {
 
 // DiskPlan maps one disk's virtqueues onto the pool.
 type DiskPlan struct {
-	// Target is the disk's <target dev=...> ("vda", "vdb").
-	Target string
+	// Alias is the disk's <alias name=...>: KubeVirt names every VMI disk
+	// "ua-<disk name>", and the alias survives KubeVirt's lossy re-feed.
+	Alias string
 	// Queues is the number of virtqueues (>= 1).
 	Queues int
 	// QueueMap, if not nil, has one entry per queue: the pool IOThread that
