@@ -38,3 +38,32 @@ type DiskPlan struct {
 	// means round-robin: queue q goes to pool thread q % PoolSize.
 	QueueMap []int
 }
+
+// Report says what ApplyIOThreads did, for one structured log line.
+type Report struct {
+	// KeptIOThreads is R: IOThread ids 1..R stay KubeVirt's because disks
+	// outside the plan (or controllers) still reference them.
+	KeptIOThreads uint
+	// PoolIDs are the libvirt ids of virtblk's pool, R+1..R+PoolSize.
+	PoolIDs []uint
+	// IOThreads is the domain's <iothreads> count after the rewrite.
+	IOThreads uint
+	// Disks lists every planned disk in plan order.
+	Disks []DiskReport
+}
+
+// DiskReport is the mapping written to one disk.
+type DiskReport struct {
+	Alias  string
+	Dev    string // <target dev>, e.g. "vdb"
+	Queues int
+	// Threads lists, per pool IOThread that got at least one queue, the
+	// queues it serves, in IOThread id order.
+	Threads []ThreadQueues
+}
+
+// ThreadQueues is one IOThread and the virtqueues mapped onto it.
+type ThreadQueues struct {
+	ID     uint
+	Queues []uint
+}

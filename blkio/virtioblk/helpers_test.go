@@ -1,0 +1,5 @@
+package virtioblk_test
+
+import "github.com/virtblk/virtblk/storage"
+
+type storageReq struct{ r storage.Request }

@@ -1,0 +1,405 @@
+// Command benchvs benchmarks vhost-user-blk back-ends against each other and
+// against the raw io_uring ceiling, on one preallocated image, in one run:
+// virtblkd, qemu-storage-daemon's vhost-user-blk export (aio=io_uring,
+// cache.direct=on) and io_uring O_DIRECT on the file with no device in
+// between. Rounds alternate the order of the targets because two runs of the
+// same back-end on a shared VM differ by up to ~10%; the report uses the
+// median of the rounds. hack/bench-vhost-user.sh builds and runs it.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/virtblk/virtblk/blkio/bench"
+)
+
+type jobSpec struct {
+	name   string
+	queues int
+	job    bench.Job
+}
+
+func jobs(runtime time.Duration) []jobSpec {
+	j := func(name string, queues int, p bench.Pattern, bs, qd int) jobSpec {
+		return jobSpec{name, queues, bench.Job{Pattern: p, BlockSize: bs, QueueDepth: qd, Runtime: runtime, Seed: 1}}
+	}
+	return []jobSpec{
+		j("4k randread QD1", 1, bench.RandRead, 4096, 1),
+		j("4k randread QD32 x2", 2, bench.RandRead, 4096, 32),
+		j("4k randwrite QD32 x2", 2, bench.RandWrite, 4096, 32),
+		j("4k write+flush QD1", 1, bench.WriteFlush, 4096, 1),
+		j("128k seq read QD8", 1, bench.SeqRead, 128<<10, 8),
+		j("128k seq write QD8", 1, bench.SeqWrite, 128<<10, 8),
+	}
+}
+
+const (
+	tVirtblkd = "virtblkd"
+	tQSD      = "qsd"
+	tRaw      = "raw"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "benchvs:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		image    = flag.String("image", "/var/tmp/virtblk-bench.img", "benchmark image (created and fully written if missing or of another size)")
+		sizeGiB  = flag.Int("size-gib", 2, "image size in GiB")
+		rounds   = flag.Int("rounds", 2, "rounds; each runs every job on every target, in alternating order")
+		runtime  = flag.Duration("runtime", 10*time.Second, "duration of each job")
+		virtblkd = flag.String("virtblkd", "", "virtblkd binary (empty: skip virtblkd)")
+		qsd      = flag.String("qsd", "qemu-storage-daemon", "qemu-storage-daemon binary (empty: skip qsd)")
+		queues   = flag.Int("queues", 2, "queues each back-end is started with")
+		only     = flag.String("jobs", "", "comma-separated job numbers (1-6) to run; default all")
+		workdir  = flag.String("workdir", "", "directory for sockets and logs (default: a temp dir)")
+	)
+	flag.Parse()
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	size := int64(*sizeGiB) << 30
+	if err := prepareImage(*image, size, log); err != nil {
+		return err
+	}
+	dir := *workdir
+	if dir == "" {
+		d, err := os.MkdirTemp("", "benchvs-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	}
+	targets := []string{}
+	if *virtblkd != "" {
+		targets = append(targets, tVirtblkd)
+	}
+	if *qsd != "" {
+		targets = append(targets, tQSD)
+	}
+	targets = append(targets, tRaw)
+	all := jobs(*runtime)
+	var js []jobSpec
+	if *only == "" {
+		js = all
+	} else {
+		for _, s := range strings.Split(*only, ",") {
+			var n int
+			if _, err := fmt.Sscanf(s, "%d", &n); err != nil || n < 1 || n > len(all) {
+				return fmt.Errorf("--jobs: %q is not a job number 1..%d", s, len(all))
+			}
+			js = append(js, all[n-1])
+		}
+	}
+
+	results := map[string]map[string][]*bench.Result{} // job -> target -> rounds
+	for _, j := range js {
+		results[j.name] = map[string][]*bench.Result{}
+	}
+	started := time.Now()
+	for r := 0; r < *rounds; r++ {
+		order := append([]string(nil), targets...)
+		if r%2 == 1 {
+			for i, k := 0, len(order)-1; i < k; i, k = i+1, k-1 {
+				order[i], order[k] = order[k], order[i]
+			}
+		}
+		for _, tgt := range order {
+			log.Info("round", "round", r+1, "target", tgt)
+			rs, err := runTarget(ctx, tgt, js, *image, dir, *queues, *virtblkd, *qsd, log)
+			if err != nil {
+				return fmt.Errorf("round %d, %s: %w", r+1, tgt, err)
+			}
+			for i, j := range js {
+				results[j.name][tgt] = append(results[j.name][tgt], rs[i])
+			}
+		}
+	}
+	host, _ := os.Hostname()
+	fmt.Printf("Run on %s, %s, kernel %s, %d rounds x %v per job, image %s (%d GiB), back-ends started with %d queues; took %v.\n\n",
+		host, cpuModel(), kernel(), *rounds, *runtime, *image, *sizeGiB, *queues, time.Since(started).Round(time.Second))
+	return report(os.Stdout, js, targets, results)
+}
+
+// runTarget starts the back-end (if any) and runs every job against it.
+func runTarget(ctx context.Context, tgt string, js []jobSpec, image, dir string, queues int, virtblkd, qsd string, log *slog.Logger) ([]*bench.Result, error) {
+	var (
+		sock string
+		pid  int
+	)
+	switch tgt {
+	case tVirtblkd, tQSD:
+		sock = filepath.Join(dir, tgt+".sock")
+		os.Remove(sock)
+		var args []string
+		bin := virtblkd
+		if tgt == tVirtblkd {
+			args = []string{"serve", "--socket", sock, "--file", image, "--queues", fmt.Sprint(queues)}
+		} else {
+			bin = qsd
+			args = []string{
+				"--blockdev", "driver=file,node-name=f,filename=" + image + ",aio=io_uring,cache.direct=on",
+				"--blockdev", "driver=raw,node-name=d,file=f",
+				"--export", fmt.Sprintf("type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=%s,writable=on,num-queues=%d", sock, queues),
+			}
+		}
+		p, err := startBackend(bin, args, sock, filepath.Join(dir, tgt+".log"))
+		if err != nil {
+			return nil, err
+		}
+		defer p.stop(log)
+		pid = p.cmd.Process.Pid
+	}
+	var out []*bench.Result
+	for _, j := range js {
+		var (
+			t     bench.Target
+			close func() error
+			err   error
+		)
+		if sock != "" {
+			var vt *bench.VhostUser
+			vt, err = bench.DialVhostUser(ctx, sock, j.queues, j.job.QueueDepth, j.job.BlockSize)
+			t, close = vt, func() error { return vt.Close() }
+		} else {
+			t, close, err = openRaw(image, j.queues, j.job.QueueDepth, j.job.BlockSize)
+			pid = os.Getpid()
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", j.name, err)
+		}
+		res, err := bench.Run(ctx, t, j.job, bench.ProcessCPU{PID: pid})
+		if cerr := close(); cerr != nil && err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", j.name, err)
+		}
+		res.Target = tgt
+		log.Info("job", "target", tgt, "job", j.name, "iops", int(res.IOPS), "p99_us", res.LatP99, "cpu_s_per_mio", res.CPUPerMIO)
+		out = append(out, res)
+	}
+	return out, nil
+}
+
+type backend struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	logf *os.File
+}
+
+func startBackend(bin string, args []string, sock, logPath string) (*backend, error) {
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	b := &backend{cmd: cmd, done: make(chan struct{}), logf: logf}
+	go func() { cmd.Wait(); close(b.done) }()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return b, nil
+		}
+		select {
+		case <-b.done:
+			logf.Close()
+			tail, _ := os.ReadFile(logPath)
+			return nil, fmt.Errorf("%s exited before listening on %s: %s", bin, sock, tail)
+		default:
+		}
+		if time.Now().After(deadline) {
+			b.stop(nil)
+			return nil, fmt.Errorf("%s did not create %s within 20s (log %s)", bin, sock, logPath)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (b *backend) stop(log *slog.Logger) {
+	b.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-b.done:
+	case <-time.After(10 * time.Second):
+		if log != nil {
+			log.Warn("back-end ignored SIGTERM for 10s; killing", "pid", b.cmd.Process.Pid)
+		}
+		b.cmd.Process.Kill()
+		<-b.done
+	}
+	b.logf.Close()
+}
+
+// prepareImage makes sure path is a fully allocated and written file of
+// size bytes, so no benchmark pays for allocation or reads holes.
+func prepareImage(path string, size int64, log *slog.Logger) error {
+	if fi, err := os.Stat(path); err == nil && fi.Size() == size {
+		var st syscall.Stat_t
+		if syscall.Stat(path, &st) == nil && st.Blocks*512 >= size {
+			return nil
+		}
+	}
+	log.Info("preparing image", "path", path, "bytes", size)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create image: %w", err)
+	}
+	defer f.Close()
+	if err := syscall.Fallocate(int(f.Fd()), 0, 0, size); err != nil {
+		return fmt.Errorf("fallocate image %s: %w", path, err)
+	}
+	// Write every byte once: fallocate leaves unwritten extents, whose first
+	// write costs an extent conversion that would distort write jobs.
+	buf := make([]byte, 4<<20)
+	for i := range buf {
+		buf[i] = byte(i*7 + i>>12)
+	}
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		if _, err := f.WriteAt(buf, off); err != nil {
+			return fmt.Errorf("write image: %w", err)
+		}
+	}
+	return f.Sync()
+}
+
+func median(xs []float64) float64 {
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	n := len(s)
+	if n == 0 {
+		return 0
+	}
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+func med(rs []*bench.Result, f func(*bench.Result) float64) float64 {
+	xs := make([]float64, len(rs))
+	for i, r := range rs {
+		xs[i] = f(r)
+	}
+	return median(xs)
+}
+
+func report(w io.Writer, js []jobSpec, targets []string, results map[string]map[string][]*bench.Result) error {
+	var b strings.Builder
+	b.WriteString("| job | target | IOPS | MB/s | mean µs | p99 µs | CPU s / M I/O | IOPS per round |\n")
+	b.WriteString("|---|---|---:|---:|---:|---:|---:|---|\n")
+	for _, j := range js {
+		for _, t := range targets {
+			rs := results[j.name][t]
+			var rounds []string
+			for _, r := range rs {
+				rounds = append(rounds, fmt.Sprintf("%.0f", r.IOPS))
+			}
+			cpu := fmt.Sprintf("%.1f", med(rs, func(r *bench.Result) float64 { return r.CPUPerMIO }))
+			if t == tRaw {
+				cpu += "*"
+			}
+			fmt.Fprintf(&b, "| %s | %s | %.0f | %.1f | %.1f | %.1f | %s | %s |\n", j.name, t,
+				med(rs, func(r *bench.Result) float64 { return r.IOPS }),
+				med(rs, func(r *bench.Result) float64 { return r.MBps }),
+				med(rs, func(r *bench.Result) float64 { return r.LatMean }),
+				med(rs, func(r *bench.Result) float64 { return r.LatP99 }),
+				cpu, strings.Join(rounds, " / "))
+		}
+	}
+	b.WriteString("\n\\* raw has no back-end process: its CPU column is this benchmark process itself (load generator + io_uring submission).\n")
+	has := func(t string) bool {
+		for _, x := range targets {
+			if x == t {
+				return true
+			}
+		}
+		return false
+	}
+	if has(tVirtblkd) {
+		b.WriteString("\n| job | virtblkd/raw IOPS | virtblkd/qsd IOPS | virtblkd/qsd CPU per I/O |\n|---|---:|---:|---:|\n")
+		for _, j := range js {
+			iops := func(t string) float64 {
+				return med(results[j.name][t], func(r *bench.Result) float64 { return r.IOPS })
+			}
+			cpu := func(t string) float64 {
+				return med(results[j.name][t], func(r *bench.Result) float64 { return r.CPUPerMIO })
+			}
+			ratio := func(a, c float64) string {
+				if c == 0 {
+					return "-"
+				}
+				return fmt.Sprintf("%.2f", a/c)
+			}
+			qsdIOPS, qsdCPU := "-", "-"
+			if has(tQSD) {
+				qsdIOPS, qsdCPU = ratio(iops(tVirtblkd), iops(tQSD)), ratio(cpu(tVirtblkd), cpu(tQSD))
+			}
+			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", j.name, ratio(iops(tVirtblkd), iops(tRaw)), qsdIOPS, qsdCPU)
+		}
+	} else if has(tQSD) {
+		b.WriteString("\n| job | qsd/raw IOPS |\n|---|---:|\n")
+		for _, j := range js {
+			q := med(results[j.name][tQSD], func(r *bench.Result) float64 { return r.IOPS })
+			r := med(results[j.name][tRaw], func(r *bench.Result) float64 { return r.IOPS })
+			if r > 0 {
+				fmt.Fprintf(&b, "| %s | %.2f |\n", j.name, q/r)
+			}
+		}
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func cpuModel() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "unknown CPU"
+	}
+	n := 0
+	model := ""
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "processor") {
+			n++
+		}
+		if model == "" && strings.HasPrefix(l, "model name") {
+			if i := strings.IndexByte(l, ':'); i >= 0 {
+				model = strings.TrimSpace(l[i+1:])
+			}
+		}
+	}
+	return fmt.Sprintf("%d x %s", n, model)
+}
+
+func kernel() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(b))
+}
+
+var errNoRaw = errors.New("raw io_uring volume not available")

@@ -1,0 +1,385 @@
+package store
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Format writes an empty store over the whole disk.
+func Format(d Disk, fo FormatOptions, o Options) error {
+	geo, err := computeGeometry(d.Size(), fo)
+	if err != nil {
+		return err
+	}
+	s := newStore(d, o, geo)
+	blob := encodeCheckpoint(0, 1, nil)
+	buf := alignedBuf(blockSize)
+	copy(buf, blob)
+	for a := range 2 {
+		if err := s.writeSync(geo.CkptOff[a], buf); err != nil {
+			return fmt.Errorf("format: write checkpoint area %d: %w", a, err)
+		}
+	}
+	// Zero both journal rings so nothing of an earlier store on this device
+	// can be mistaken for an entry.
+	zeros := alignedBuf(int(roundUp(uint64(geo.JournalSlots)*sectorSize, blockSize)))
+	if err := s.writeSync(geo.HeaderOff, zeros); err != nil {
+		return fmt.Errorf("format: write journal headers: %w", err)
+	}
+	zb := alignedBuf(blockSize)
+	for i := range uint64(geo.JournalSlots) {
+		if err := s.writeSync(geo.bodyOffset(i), zb); err != nil {
+			return fmt.Errorf("format: write journal body %d: %w", i, err)
+		}
+	}
+	if err := s.flushSync(); err != nil {
+		return fmt.Errorf("format: flush: %w", err)
+	}
+	sb := superblock{Sequence: 1, Geo: geo}
+	if _, err := rand.Read(sb.UUID[:]); err != nil {
+		return err
+	}
+	ref := ckptRef{Seq: 0, Size: uint64(len(blob)), Sum: checksum(blob)}
+	sb.Current, sb.Previous = ref, ref
+	sb.Previous.Area = 1
+	if err := s.wait(func(done func(error)) { s.writeSuperblock(sb, done) }); err != nil {
+		return fmt.Errorf("format: %w", err)
+	}
+	return nil
+}
+
+// Open recovers a store: it picks the superblock by quorum, loads the newest
+// valid checkpoint, replays the journal and repairs what the redundancy
+// allows. It refuses, naming the location, when committed metadata is lost.
+func Open(d Disk, o Options) (*Store, error) {
+	start := time.Now()
+	sb, repairSuper, err := readSuperblock(d, o)
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	s := newStore(d, o, sb.Geo)
+	s.uuid = sb.UUID
+	s.c.sb = *sb
+	from, err := s.loadCheckpoint(sb)
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	next, err := s.replay(from, sb)
+	if err != nil {
+		return nil, fmt.Errorf("open store: %w", err)
+	}
+	s.c.nextSeq = next
+	s.c.durableSeq.Store(next - 1)
+	s.initFree()
+	if repairSuper {
+		nsb := *sb
+		nsb.Sequence++
+		nsb.Parent = sb.sum()
+		if err := s.wait(func(done func(error)) { s.writeSuperblock(nsb, done) }); err != nil {
+			return nil, fmt.Errorf("open store: repair superblock: %w", err)
+		}
+		s.c.sb = nsb
+		s.log.Warn("repaired superblock copies")
+	}
+	s.log.Info("store opened", "volumes", len(s.table().byID), "journal_seq", next-1,
+		"checkpoint_seq", from, "elapsed", time.Since(start))
+	if o.Pump == nil {
+		go s.ticker()
+	}
+	return s, nil
+}
+
+func (s *Store) ticker() {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for range t.C {
+		if s.closed.Load() {
+			return
+		}
+		s.Tick()
+	}
+}
+
+// Close commits everything queued and stops the store.
+func (s *Store) Close() error {
+	if s.closed.Load() {
+		return nil
+	}
+	for _, v := range s.table().byID {
+		if v.queues.Load() != 0 {
+			return fmt.Errorf("close store: volume %q still has open queues", v.name)
+		}
+	}
+	err := s.Sync()
+	s.closed.Store(true)
+	return err
+}
+
+// Sync makes every completed operation durable.
+func (s *Store) Sync() error {
+	return s.wait(s.flush)
+}
+
+func readSuperblock(d Disk, o Options) (*superblock, bool, error) {
+	var copies [superCopies]*superblock
+	var why [superCopies]string
+	for i := range superCopies {
+		buf := alignedBuf(blockSize)
+		err := waitIO(o.Pump, func(done func(error)) { d.Read(uint64(i)*blockSize, buf, done) })
+		if err != nil {
+			why[i] = err.Error()
+			continue
+		}
+		sb, err := decodeSuperblock(buf)
+		switch {
+		case err != nil:
+			why[i] = err.Error()
+		case int(sb.Copy) != i:
+			why[i] = fmt.Sprintf("holds copy %d (misdirected write)", sb.Copy)
+		case sb.Geo.DiskSize > d.Size():
+			why[i] = fmt.Sprintf("describes a %d-byte store but the disk has %d bytes", sb.Geo.DiskSize, d.Size())
+		default:
+			copies[i] = sb
+		}
+	}
+	var best *superblock
+	votes := 0
+	for i, c := range copies {
+		if c == nil {
+			continue
+		}
+		n := 0
+		for _, o := range copies {
+			if o != nil && o.sum() == c.sum() {
+				n++
+			}
+		}
+		if n >= superQuorum && (best == nil || c.Sequence > best.Sequence) {
+			best, votes = copies[i], n
+		}
+	}
+	if best == nil {
+		var b strings.Builder
+		for i := range superCopies {
+			state := why[i]
+			if state == "" {
+				state = fmt.Sprintf("sequence %d, no other copy agrees", copies[i].Sequence)
+			}
+			fmt.Fprintf(&b, "; copy %d at offset %d: %s", i, i*blockSize, state)
+		}
+		return nil, false, fmt.Errorf("no superblock quorum (need %d of %d identical copies)%s: %w", superQuorum, superCopies, b.String(), ErrCorrupt)
+	}
+	return best, votes != superCopies, nil
+}
+
+// loadCheckpoint loads the current checkpoint, or the previous one when the
+// current fails verification and fallback is allowed. It returns the
+// sequence to replay the journal after.
+func (s *Store) loadCheckpoint(sb *superblock) (uint64, error) {
+	d, errCur := s.readCheckpoint(sb.Current)
+	ref := sb.Current
+	if errCur != nil {
+		if sb.Current.Flags&ckptNoFallback != 0 {
+			return 0, fmt.Errorf("current checkpoint: %w (no fallback: the journal no longer covers the previous checkpoint): %w", errCur, ErrCorrupt)
+		}
+		var errPrev error
+		d, errPrev = s.readCheckpoint(sb.Previous)
+		if errPrev != nil {
+			return 0, fmt.Errorf("current checkpoint: %w; previous checkpoint: %w: %w", errCur, errPrev, ErrCorrupt)
+		}
+		ref = sb.Previous
+		s.log.Warn("current checkpoint is corrupt, recovering from the previous one", "err", errCur)
+	}
+	vt := &volTable{byID: map[uint32]*volume{}, byName: map[string]*volume{}, nextID: d.nextID}
+	for _, v := range d.vols {
+		vt.byID[v.id] = v
+		vt.byName[v.name] = v
+	}
+	s.vols.Store(vt)
+	s.recountRefs()
+	return ref.Seq, nil
+}
+
+func (s *Store) readCheckpoint(ref ckptRef) (*decodedCkpt, error) {
+	off := s.geo.CkptOff[ref.Area&1]
+	if ref.Size > s.geo.CkptSize || ref.Area > 1 {
+		return nil, fmt.Errorf("checkpoint reference area %d size %d is out of range", ref.Area, ref.Size)
+	}
+	buf := alignedBuf(int(roundUp(ref.Size, blockSize)))
+	if err := s.readSync(off, buf); err != nil {
+		return nil, fmt.Errorf("read checkpoint area %d at offset %d: %w", ref.Area, off, err)
+	}
+	blob := buf[:ref.Size]
+	if checksum(blob) != ref.Sum {
+		return nil, fmt.Errorf("checkpoint area %d at offset %d (seq %d) fails its checksum", ref.Area, off, ref.Seq)
+	}
+	d, err := decodeCheckpoint(blob, s.geo.DataBlocks)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint area %d at offset %d: %w", ref.Area, off, err)
+	}
+	if d.seq != ref.Seq {
+		return nil, fmt.Errorf("checkpoint area %d at offset %d holds seq %d, superblock expects %d", ref.Area, off, d.seq, ref.Seq)
+	}
+	return d, nil
+}
+
+// recountRefs derives leaf and block reference counts from the trees.
+func (s *Store) recountRefs() {
+	for i := range s.refs.n {
+		s.refs.n[i].Store(0)
+	}
+	seen := map[*leaf]bool{}
+	var slots int64
+	for _, v := range s.table().byID {
+		v.t.forEachLeaf(func(_ uint32, l *leaf) {
+			slots++
+			if seen[l] {
+				l.refs.Add(1)
+				return
+			}
+			seen[l] = true
+			l.refs.Store(1)
+			for i := range l.e {
+				if e := l.e[i].Load(); e != 0 {
+					s.refs.ref(entryBlock(e))
+				}
+			}
+		})
+	}
+	s.leafCount.Store(int64(len(seen)))
+	s.leafRefs.Store(slots)
+}
+
+// replay applies journal entries after seq from and returns the next
+// sequence to write. See the decision table in docs/on-disk-format.md.
+func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
+	g := s.geo
+	n := uint64(g.JournalSlots)
+	hbuf := alignedBuf(int(roundUp(n*sectorSize, blockSize)))
+	if err := s.readSync(g.HeaderOff, hbuf); err != nil {
+		// A latent error in the header ring: read sector by sector so one
+		// bad header does not hide the rest.
+		hbuf = alignedBuf(len(hbuf))
+		for i := range n {
+			if s.readSync(g.HeaderOff+i*sectorSize, hbuf[i*sectorSize:(i+1)*sectorSize]) != nil {
+				clear(hbuf[i*sectorSize : (i+1)*sectorSize])
+			}
+		}
+	}
+	bodies := make([][]byte, n)
+	for i := range n {
+		b := alignedBuf(int(g.SlotSize))
+		if err := s.readSync(g.BodyOff+i*uint64(g.SlotSize), b); err != nil {
+			clear(b) // unreadable: treated as an invalid body
+		}
+		bodies[i] = b
+	}
+	header := func(slot uint64) (ringHeader, bool) {
+		return decodeRingHeader(hbuf[slot*sectorSize : (slot+1)*sectorSize])
+	}
+	var fixHeaders []uint64
+	seq := from + 1
+	for ; seq <= from+n; seq++ {
+		slot := seq % n
+		h, hok := header(slot)
+		hok = hok && h.Seq == seq
+		payload, bsum, bok := decodeBody(bodies[slot], seq, g.JournalSlots)
+		if !bok {
+			if hok {
+				return 0, fmt.Errorf("journal entry %d: header at offset %d is valid but body at offset %d is not: %w",
+					seq, g.headerOffset(seq), g.bodyOffset(seq), ErrCorrupt)
+			}
+			break
+		}
+		if hok && h.BodySum != bsum {
+			return 0, fmt.Errorf("journal entry %d: header at offset %d and body at offset %d disagree: %w",
+				seq, g.headerOffset(seq), g.bodyOffset(seq), ErrCorrupt)
+		}
+		if !hok {
+			fixHeaders = append(fixHeaders, seq)
+		}
+		recs, err := decodeRecords(payload)
+		if err != nil {
+			return 0, fmt.Errorf("journal entry %d at offset %d: %w: %w", seq, g.bodyOffset(seq), err, ErrCorrupt)
+		}
+		var sink blockSink
+		for i, r := range recs {
+			if err := s.applyRecord(r, &sink); err != nil {
+				return 0, fmt.Errorf("journal entry %d at offset %d, record %d: %w: %w", seq, g.bodyOffset(seq), i, err, ErrCorrupt)
+			}
+		}
+	}
+	stop := seq
+	if from < sb.Current.Seq && stop-1 < sb.Current.Seq {
+		return 0, fmt.Errorf("fell back to checkpoint %d but the journal ends at %d, before the current checkpoint %d: %w",
+			from, stop-1, sb.Current.Seq, ErrCorrupt)
+	}
+	// A valid header beyond the stop proves that a committed entry is
+	// missing in between. A valid body without header beyond the stop is
+	// the rest of an interrupted commit and is erased below.
+	var erase []uint64
+	for slot := range n {
+		if h, ok := header(slot); ok && h.Seq >= stop && h.Seq%n == slot {
+			return 0, fmt.Errorf("journal entry %d is missing but entry %d (header at offset %d) was committed after it: %w",
+				stop, h.Seq, g.HeaderOff+slot*sectorSize, ErrCorrupt)
+		}
+		if bs, ok := bodyClaims(bodies[slot], g.JournalSlots, slot); ok && bs >= stop {
+			erase = append(erase, slot)
+		}
+	}
+	for _, seq := range fixHeaders {
+		slot := seq % n
+		_, bsum, _ := decodeBody(bodies[slot], seq, g.JournalSlots)
+		p, _, _ := decodeBody(bodies[slot], seq, g.JournalSlots)
+		h := ringHeader{Seq: seq, Size: uint32(len(p)), BodySum: bsum}
+		if err := s.writeSync(g.headerOffset(seq), h.encode()); err != nil {
+			return 0, fmt.Errorf("repair journal header %d: %w", seq, err)
+		}
+		s.log.Warn("repaired journal header from its body", "seq", seq, "offset", g.headerOffset(seq))
+	}
+	for _, slot := range erase {
+		if err := s.writeSync(g.BodyOff+slot*uint64(g.SlotSize), alignedBuf(blockSize)); err != nil {
+			return 0, fmt.Errorf("erase interrupted journal body in slot %d: %w", slot, err)
+		}
+	}
+	if len(fixHeaders)+len(erase) > 0 {
+		if err := s.flushSync(); err != nil {
+			return 0, fmt.Errorf("flush journal repair: %w", err)
+		}
+	}
+	return stop, nil
+}
+
+var errBadRecord = errors.New("record does not apply")
+
+// applyRecord replays one journal record during recovery.
+func (s *Store) applyRecord(r record, sink *blockSink) error {
+	vt := s.table()
+	switch r.kind {
+	case recSet:
+		v := vt.byID[r.vol]
+		if v == nil || v.readOnly {
+			return fmt.Errorf("set on unknown or read-only volume %d: %w", r.vol, errBadRecord)
+		}
+		if uint64(r.lblock) >= v.size.Load()/blockSize {
+			return fmt.Errorf("set of block %d beyond volume %d: %w", r.lblock, r.vol, errBadRecord)
+		}
+		if r.entry != 0 && (entryBlock(r.entry) == 0 || entryBlock(r.entry) >= s.geo.DataBlocks) {
+			return fmt.Errorf("set maps block %d outside the data zone: %w", entryBlock(r.entry), errBadRecord)
+		}
+		_, err := s.setEntry(v.t, r.lblock, r.entry, sink)
+		return err
+	case recCreate:
+		return s.createVolume(r.vol, r.name, r.size)
+	case recSnapshot, recClone:
+		return s.shareVolume(r.kind, r.vol, r.src, r.name)
+	case recDelete:
+		return s.deleteVolume(r.vol, sink)
+	case recResize:
+		return s.resizeVolume(r.vol, r.size)
+	}
+	return fmt.Errorf("kind %d: %w", r.kind, errBadRecord)
+}
