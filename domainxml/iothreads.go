@@ -89,6 +89,10 @@ func RewriteIOThreads(domXML []byte, plan IOThreadPlan) ([]byte, Report, error) 
 	if err != nil {
 		return nil, Report{}, err
 	}
+	out, err = KeepKubeVirtDiskExtras(domXML, out)
+	if err != nil {
+		return nil, Report{}, err
+	}
 	return out, rep, nil
 }
 

@@ -350,3 +350,26 @@ func TestCheckRules(t *testing.T) {
 		})
 	}
 }
+
+// TestSchemaCatchesInvalid proves the validation above can fail: the lossy
+// vhost-user input (empty <source>) and a driver with both iothread forms
+// are rejected by the schema or by Check.
+func TestSchemaCatchesInvalid(t *testing.T) {
+	lossy := readFixture(t, "vhostuser-refeed.xml")
+	res := lint(t, map[string][]byte{"lossy.xml": lossy})
+	if res["lossy.xml"] == "" {
+		t.Fatal("schema accepted a vhostuser disk without source path")
+	}
+	// The same document after our redirect validates.
+	dom := mustParse(t, lossy)
+	if err := ToVhostUser(dom, "ua-fastdisk", VhostUserOptions{SocketPath: testSock}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := MarshalDomain(dom)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if why := lint(t, map[string][]byte{"fixed.xml": out})["fixed.xml"]; why != "" {
+		t.Fatalf("redirected document rejected: %s", why)
+	}
+}

@@ -59,9 +59,24 @@ func knownLosses(in *xmltree.Node) []string {
 	return out
 }
 
+// extrasLost lists KubeVirt's private disk children, which libvirtxml
+// alone drops and KeepKubeVirtDiskExtras restores.
+func extrasLost(in *xmltree.Node) []string {
+	var out []string
+	for _, d := range in.Child("devices").All("disk") {
+		for _, c := range d.Children {
+			if kubevirtDiskExtras[c.Name] {
+				out = append(out, fmt.Sprintf("- /domain/devices[0]/disk[%s]/%s[0]", libvirtKey(d), c.Name))
+			}
+		}
+	}
+	return out
+}
+
 // TestRoundTripFidelity: unmarshal+marshal through libvirtxml keeps every
 // element, attribute and text of each fixture, and the relative order of
-// same-named siblings (disks, controllers), except exactly knownLosses.
+// same-named siblings (disks, controllers), except exactly knownLosses and
+// KubeVirt's private disk extras, which KeepKubeVirtDiskExtras puts back.
 func TestRoundTripFidelity(t *testing.T) {
 	for _, f := range fixtures {
 		t.Run(f, func(t *testing.T) {
@@ -72,9 +87,18 @@ func TestRoundTripFidelity(t *testing.T) {
 			}
 			a := mustTree(t, in)
 			got := xmltree.Diff(a, mustTree(t, out), libvirtKey)
-			want := knownLosses(a)
+			want := dedupSorted(append(knownLosses(a), extrasLost(a)...))
 			if strings.Join(got, "\n") != strings.Join(want, "\n") {
-				t.Fatalf("round trip diff\n got:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+				t.Fatalf("libvirtxml round trip diff\n got:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+			}
+			kept, err := KeepKubeVirtDiskExtras(in, out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got = xmltree.Diff(a, mustTree(t, kept), libvirtKey)
+			want = knownLosses(a)
+			if strings.Join(got, "\n") != strings.Join(want, "\n") {
+				t.Fatalf("round trip with extras kept\n got:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 			}
 		})
 	}

@@ -42,8 +42,14 @@ if [[ -f $OUT/.stamp && $(cat "$OUT/.stamp") == "$STAMP_CONTENT" && -f $OUT/vmli
 	exit 0
 fi
 # The metapackage names the current ABI package, e.g. linux-image-6.1.0-56-amd64.
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-[[ -n $KPKG ]] || die "cannot resolve linux-image-amd64 (run apt-get update)"
+resolve_kpkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+KPKG=$(resolve_kpkg)
+if [[ -z $KPKG ]]; then
+	# A fresh machine may have no package lists yet.
+	apt-get -q -o DPkg::Lock::Timeout=900 update >/dev/null || true
+	KPKG=$(resolve_kpkg)
+fi
+[[ -n $KPKG ]] || die "cannot resolve linux-image-amd64's kernel package (apt-get update failed?)"
 rm -f "$OUT/.stamp"
 
 WORK=$(mktemp -d "$OUT/build.XXXXXX")

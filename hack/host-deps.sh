@@ -13,8 +13,7 @@ PKGS=(
 	cpio            # initramfs archives
 	xz-utils        # kernel payload and module decompression
 	zstd            # same, when the kernel uses zstd
-	kmod            # modinfo/depmod-free module ordering fallback
-	e2fsprogs       # not strictly needed; debugfs for image checks
+	kmod            # modinfo: module dependency order for the initramfs
 )
 
 if [[ $(id -u) -ne 0 ]]; then

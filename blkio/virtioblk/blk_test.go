@@ -114,6 +114,10 @@ func (r *rig) wait(n int) []vt.Used {
 		if len(got) >= n {
 			break
 		}
+		r.d.EnableInterrupts()
+		if r.d.UsedIdx() != r.d.LastUsed() {
+			continue
+		}
 		pfd := []unix.PollFd{{Fd: int32(r.call), Events: unix.POLLIN}}
 		k, _ := unix.Poll(pfd, 20000)
 		if k == 0 {
@@ -140,17 +144,17 @@ func (r *rig) hdr(typ uint32, sector uint64) (uint64, []byte) {
 // submit builds header + data + status in separate descriptors.
 func (r *rig) submit(typ uint32, sector uint64, data []byte, write bool) req {
 	hg, _ := r.hdr(typ, sector)
-	bufs := []vt.Buf{{hg, 16, false}}
+	bufs := []vt.Buf{{GPA: hg, Len: 16, Write: false}}
 	var dbuf []byte
 	if len(data) > 0 {
 		var dg uint64
 		dg, dbuf = r.g.Alloc(uint64(len(data)), 512)
 		copy(dbuf, data)
-		bufs = append(bufs, vt.Buf{dg, uint32(len(data)), write})
+		bufs = append(bufs, vt.Buf{GPA: dg, Len: uint32(len(data)), Write: write})
 	}
 	sg, st := r.g.Alloc(1, 1)
 	st[0] = 0xee
-	bufs = append(bufs, vt.Buf{sg, 1, true})
+	bufs = append(bufs, vt.Buf{GPA: sg, Len: 1, Write: true})
 	h, ok := r.d.AddChain(bufs)
 	if !ok {
 		r.t.Fatal("descriptor table full")
@@ -211,7 +215,7 @@ func TestAnyLayout(t *testing.T) {
 	binary.LittleEndian.PutUint32(h, virtioblk.TIn)
 	binary.LittleEndian.PutUint64(h[8:], 5)
 	// readable: header; writable: 100 bytes, then 924 data + status in one.
-	hd, _ := r.d.AddChain([]vt.Buf{{hg, 16, false}, {hg + 16, 100, true}, {hg + 116, 925, true}})
+	hd, _ := r.d.AddChain([]vt.Buf{{GPA: hg, Len: 16, Write: false}, {GPA: hg + 16, Len: 100, Write: true}, {GPA: hg + 116, Len: 925, Write: true}})
 	r.d.Submit(hd)
 	signal(r.kick)
 	u := r.wait(1)
@@ -268,7 +272,7 @@ func TestShortHeaderGetsIOErr(t *testing.T) {
 	r := newRig(t, memvol.New(1<<20, false), virtioblk.Options{})
 	hg, _ := r.g.Alloc(8, 8)
 	sg, st := r.g.Alloc(1, 1)
-	h, _ := r.d.AddChain([]vt.Buf{{hg, 8, false}, {sg, 1, true}})
+	h, _ := r.d.AddChain([]vt.Buf{{GPA: hg, Len: 8, Write: false}, {GPA: sg, Len: 1, Write: true}})
 	r.d.Submit(h)
 	signal(r.kick)
 	r.wait(1)
@@ -332,7 +336,7 @@ func TestBatchOfManyOneInterrupt(t *testing.T) {
 		dg, db := r.g.Alloc(512, 512)
 		copy(db, pattern(512, byte(i)))
 		sg, st := r.g.Alloc(1, 1)
-		h, _ := r.d.AddChain([]vt.Buf{{hg, 16, false}, {dg, 512, false}, {sg, 1, true}})
+		h, _ := r.d.AddChain([]vt.Buf{{GPA: hg, Len: 16, Write: false}, {GPA: dg, Len: 512, Write: false}, {GPA: sg, Len: 1, Write: true}})
 		r.d.PutAvail(h)
 		want = append(want, req{head: h, status: st})
 	}
@@ -378,7 +382,7 @@ func TestDuplicateHead(t *testing.T) {
 	r.stop()
 	hg, _ := r.hdr(virtioblk.TFlush, 0)
 	sg, _ := r.g.Alloc(1, 1)
-	h, _ := r.d.AddChain([]vt.Buf{{hg, 16, false}, {sg, 1, true}})
+	h, _ := r.d.AddChain([]vt.Buf{{GPA: hg, Len: 16, Write: false}, {GPA: sg, Len: 1, Write: true}})
 	r.d.Submit(h, h)
 	r.start(nil)
 	signal(r.kick)
@@ -402,7 +406,7 @@ func TestInflightResubmit(t *testing.T) {
 		dg, db := r.g.Alloc(512, 512)
 		copy(db, pattern(512, byte(40+i)))
 		sg, st := r.g.Alloc(1, 1)
-		h, _ := r.d.AddChain([]vt.Buf{{hg, 16, false}, {dg, 512, false}, {sg, 1, true}})
+		h, _ := r.d.AddChain([]vt.Buf{{GPA: hg, Len: 16, Write: false}, {GPA: dg, Len: 512, Write: false}, {GPA: sg, Len: 1, Write: true}})
 		reqs = append(reqs, req{head: h, status: st})
 	}
 	r.d.Submit(reqs[1].head, reqs[0].head)
@@ -428,6 +432,7 @@ func TestInflightResubmit(t *testing.T) {
 			t.Errorf("req %d not written", i)
 		}
 	}
+	r.stop() // the worker clears the region after publishing; let it finish
 	inf3, _ := inflight.Open(r.region, 1, 0, qsize)
 	if left := inf3.Recover(r.d.UsedIdx()); len(left) != 0 {
 		t.Fatalf("still in flight after completion: %v", left)

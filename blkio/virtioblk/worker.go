@@ -38,6 +38,9 @@ type slot struct {
 	flushed bool // write-through: the write finished, its flush is pending
 	chain   virtq.Chain
 	req     Request
+	// sreq is the storage request; its Bufs array belongs to the slot so
+	// it stays untouched until the volume completes the request.
+	sreq storage.Request
 }
 
 // Worker runs one virtqueue. All its state is private; Run owns it.
@@ -55,6 +58,8 @@ type Worker struct {
 	stopFD  int
 	epfd    int
 	log     *slog.Logger
+	// completed counts requests finished by this worker (for the stop log).
+	completed uint64
 }
 
 // NewWorker prepares a worker; call Run on its own goroutine and Stop to end
@@ -74,9 +79,7 @@ func (d *Device) NewWorker(cfg WorkerConfig) (*Worker, error) {
 		w.slots[i].req.Data = make([][]byte, 0, 4)
 		w.slots[i].chain.Readable = make([][]byte, 0, 4)
 		w.slots[i].chain.Writable = make([][]byte, 0, 4)
-	}
-	for i, full := 0, w.subs[:n]; i < n; i++ {
-		full[i].Bufs = make([][]byte, 0, 4)
+		w.slots[i].sreq.Bufs = make([][]byte, 0, 4)
 	}
 	var err error
 	if w.stopFD, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
@@ -121,6 +124,7 @@ func (w *Worker) Run() {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	defer w.closeFDs()
+	defer func() { w.log.Info("queue stopped", "requests", w.completed) }()
 	stopping := false
 	events := make([]unix.EpollEvent, 4)
 	var buf [8]byte
@@ -249,29 +253,13 @@ func (w *Worker) fetch(head uint16, resubmit bool) {
 		w.finish(head, SIOErr)
 		return
 	}
-	sr := w.nextSub()
-	submit, status := w.dev.Prepare(&s.req, sr)
+	submit, status := w.dev.Prepare(&s.req, &s.sreq)
 	if !submit {
-		w.subs = w.subs[:len(w.subs)-1]
 		w.finish(head, status)
 		return
 	}
-	sr.Tag = uint64(head)
-}
-
-// nextSub extends the submission batch by one request, reusing the Bufs
-// array a previous batch left in that position so steady state allocates
-// nothing.
-func (w *Worker) nextSub() *storage.Request {
-	n := len(w.subs)
-	if n == cap(w.subs) {
-		w.subs = append(w.subs, storage.Request{})
-	} else {
-		w.subs = w.subs[:n+1]
-	}
-	sr := &w.subs[n]
-	sr.Bufs = sr.Bufs[:0]
-	return sr
+	s.sreq.Tag = uint64(head)
+	w.subs = append(w.subs, s.sreq)
 }
 
 func (w *Worker) submit() bool {
@@ -321,8 +309,7 @@ func (w *Worker) complete(cs []storage.Completion) {
 		// follow it with a flush (which covers every completed write).
 		if s.req.Type == TOut && !s.flushed && !w.dev.Writeback() {
 			s.flushed = true
-			sr := w.nextSub()
-			sr.Op, sr.Offset, sr.Length, sr.Unmap, sr.Tag = storage.OpFlush, 0, 0, false, uint64(head)
+			w.subs = append(w.subs, storage.Request{Op: storage.OpFlush, Tag: uint64(head)})
 			continue
 		}
 		w.finish(head, SOK)
@@ -340,6 +327,7 @@ func (w *Worker) finish(head uint16, status byte) {
 	w.q.Push(head, written)
 	s.busy = false
 	w.batch = append(w.batch, head)
+	w.completed++
 }
 
 // publish makes the batch visible with one used.idx store and at most one

@@ -136,9 +136,9 @@ func load16(b []byte, off int) uint16 {
 	return uint16(w >> (mis * 8))
 }
 
-func (q *Queue) availIdx() uint16  { return load16(q.avail, 2) }
-func (q *Queue) availFlags() uint16 { return load16(q.avail, 0) }
-func (q *Queue) usedEvent() uint16  { return load16(q.avail, 4+2*int(q.size)) }
+func (q *Queue) availIdx() uint16    { return load16(q.avail, 2) }
+func (q *Queue) availFlags() uint16  { return load16(q.avail, 0) }
+func (q *Queue) usedEvent() uint16   { return load16(q.avail, 4+2*int(q.size)) }
 func (q *Queue) loadUsedIdx() uint16 { return load16(q.used, 2) }
 
 // fullFence orders earlier stores before later loads (store-load), which

@@ -32,8 +32,8 @@ func TestDirectAndIndirectChains(t *testing.T) {
 	dg, _ := g.Alloc(4096, 512)
 	sg, _ := g.Alloc(1, 1)
 	copy(hdr, "0123456789abcdef")
-	h1, _ := d.AddChain([]vt.Buf{{hg, 16, false}, {dg, 4096, true}, {sg, 1, true}})
-	h2, _ := d.AddIndirect([]vt.Buf{{hg, 16, false}, {dg, 512, false}, {sg, 1, true}})
+	h1, _ := d.AddChain([]vt.Buf{{GPA: hg, Len: 16, Write: false}, {GPA: dg, Len: 4096, Write: true}, {GPA: sg, Len: 1, Write: true}})
+	h2, _ := d.AddIndirect([]vt.Buf{{GPA: hg, Len: 16, Write: false}, {GPA: dg, Len: 512, Write: false}, {GPA: sg, Len: 1, Write: true}})
 	d.Submit(h1, h2)
 
 	var c virtq.Chain
@@ -61,7 +61,7 @@ func TestDirectAndIndirectChains(t *testing.T) {
 	}
 	q.Publish()
 	got := d.Reap()
-	if len(got) != 2 || got[0] != (vt.Used{uint32(h2), 1}) || got[1] != (vt.Used{uint32(h1), 4097}) {
+	if len(got) != 2 || got[0] != (vt.Used{ID: uint32(h2), Len: 1}) || got[1] != (vt.Used{ID: uint32(h1), Len: 4097}) {
 		t.Fatalf("used %+v", got)
 	}
 	if q.LastAvail() != 2 {
@@ -165,7 +165,7 @@ func TestIndirectRequiresFeature(t *testing.T) {
 		t.Fatal(err)
 	}
 	a, _ := g.Alloc(16, 16)
-	h, _ := d.AddIndirect([]vt.Buf{{a, 16, false}})
+	h, _ := d.AddIndirect([]vt.Buf{{GPA: a, Len: 16, Write: false}})
 	d.Submit(h)
 	var c virtq.Chain
 	if _, err := q.Next(&c); !errors.Is(err, virtq.ErrBroken) {
@@ -198,7 +198,7 @@ func TestNewRejects(t *testing.T) {
 func TestNotifyNoEventIdx(t *testing.T) {
 	g, d, q := setup(t, 8, false)
 	a, _ := g.Alloc(16, 16)
-	h, _ := d.AddChain([]vt.Buf{{a, 1, true}})
+	h, _ := d.AddChain([]vt.Buf{{GPA: a, Len: 1, Write: true}})
 	d.Submit(h)
 	var c virtq.Chain
 	q.Next(&c)
@@ -232,7 +232,7 @@ func TestNotifyEventIdx(t *testing.T) {
 	a, _ := g.Alloc(16, 16)
 	var heads []uint16
 	for i := 0; i < 4; i++ {
-		h, _ := d.AddChain([]vt.Buf{{a, 1, true}})
+		h, _ := d.AddChain([]vt.Buf{{GPA: a, Len: 1, Write: true}})
 		heads = append(heads, h)
 	}
 	d.Submit(heads...)
@@ -313,7 +313,7 @@ func TestConcurrentDriver(t *testing.T) {
 	for recv < total {
 		for sent < total && d.FreeDescs() > 0 {
 			ln := uint32(sent%63 + 1)
-			h, _ := d.AddChain([]vt.Buf{{bufGPA, ln, true}})
+			h, _ := d.AddChain([]vt.Buf{{GPA: bufGPA, Len: ln, Write: true}})
 			d.PutAvail(h)
 			sent++
 		}

@@ -9,7 +9,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -401,5 +400,3 @@ func kernel() string {
 	}
 	return strings.TrimSpace(string(b))
 }
-
-var errNoRaw = errors.New("raw io_uring volume not available")

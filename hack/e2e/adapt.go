@@ -15,15 +15,15 @@ import (
 
 // TestGuest is what a KubeVirt domain is pointed at so it boots here.
 type TestGuest struct {
-	Name       string            // domain name (unique per test run)
-	Kernel     string            // vmlinux path, visible to libvirtd
-	Initrd     string            // initrd path, visible to libvirtd
-	Cmdline    string            // kernel command line
-	BIOS       string            // firmware ROM (qboot), visible to libvirtd
-	MemoryMiB  uint              // guest memory
-	Console    string            // file receiving the serial console
-	DiskFiles  map[string]string // disk alias -> raw image path
-	KeepDisks  bool              // false: disks not in DiskFiles are removed
+	Name      string            // domain name (unique per test run)
+	Kernel    string            // vmlinux path, visible to libvirtd
+	Initrd    string            // initrd path, visible to libvirtd
+	Cmdline   string            // kernel command line
+	BIOS      string            // firmware ROM (qboot), visible to libvirtd
+	MemoryMiB uint              // guest memory
+	Console   string            // file receiving the serial console
+	DiskFiles map[string]string // disk alias -> raw image path
+	KeepDisks bool              // false: disks not in DiskFiles are removed
 }
 
 // AdaptForTestGuest rewrites a KubeVirt-generated domain so that libvirt can

@@ -150,7 +150,10 @@ func parseArgs(args []string) (QEMUCommand, error) {
 			if err := json.Unmarshal([]byte(val), &dj); err != nil {
 				return QEMUCommand{}, fmt.Errorf("-device %.60s...: %w", val, err)
 			}
-			if dj.Driver != "virtio-blk-pci" {
+			// KubeVirt's model="virtio-non-transitional" makes libvirt use
+			// virtio-blk-pci-non-transitional; all variants share the
+			// properties we check.
+			if !strings.HasPrefix(dj.Driver, "virtio-blk-pci") {
 				continue
 			}
 			dev := BlkDevice{ID: dj.ID, IOThread: dj.IOThread}

@@ -25,7 +25,8 @@ func FuzzParse(f *testing.F) {
 	f.Add("", []byte(`null`))
 	f.Fuzz(func(t *testing.T, annotations string, vmiJSON []byte) {
 		// The VMI JSON on its own, as the hook receives it.
-		checkResult(t, FromVMIJSON(vmiJSON))
+		cfg, err := FromVMIJSON(vmiJSON)
+		checkResult(t, cfg, err)
 
 		// The same VMI with the fuzzed annotations put in.
 		vmi := testVMI(nil)
@@ -39,7 +40,8 @@ func FuzzParse(f *testing.F) {
 			k, v, _ := strings.Cut(line, "=")
 			vmi.Annotations[k] = v
 		}
-		checkResult(t, Parse(vmi))
+		cfg, err = Parse(vmi)
+		checkResult(t, cfg, err)
 	})
 }
 

@@ -181,7 +181,7 @@ func parseCPUSet(s *settings, key, _, raw string) *Error {
 }
 
 func parsePoll(s *settings, key, _, raw string) *Error {
-	fix := "give one or more of max=<ns>, grow=<factor>, shrink=<divisor> separated by commas, e.g. \"max=32768,grow=2,shrink=2\""
+	fix := "give max=<ns> and optionally grow=<factor>, shrink=<divisor> (0 or omitted: QEMU's default) separated by commas, e.g. \"max=32768,grow=2,shrink=2\""
 	var p domainxml.Polling
 	seen := map[string]bool{}
 	for _, part := range strings.Split(raw, ",") {
@@ -209,6 +209,11 @@ func parsePoll(s *settings, key, _, raw string) *Error {
 		default:
 			return &Error{key, raw, fmt.Sprintf("unknown setting %q", name), fix}
 		}
+	}
+	// Polling without max would write poll max 0, which switches polling
+	// off: surely not what someone tuning grow or shrink meant.
+	if !seen["max"] {
+		return &Error{key, raw, "max is missing (without it polling would be switched off)", fix + "; use max=0 to switch polling off"}
 	}
 	s.poll = &setting[domainxml.Polling]{key: key, raw: raw, v: p}
 	return nil

@@ -104,7 +104,7 @@ func decodeCheckpoint(b []byte, dataBlocks uint32) (*decodedCkpt, error) {
 		v := &volume{id: r.u32(), readOnly: r.u8() == 1, src: r.u32(), t: new(tree)}
 		v.size.Store(r.u64())
 		v.name = string(r.take(int(r.u8())))
-		if r.err || v.id == 0 || v.id >= d.nextID || seen[v.id] || names[v.name] || v.name == "" {
+		if r.err || v.id == 0 || v.id >= d.nextID || seen[v.id] || names[v.name] || validName(v.name) != nil || validSize(v.size.Load()) != nil {
 			return nil, fmt.Errorf("bad volume %d %q in checkpoint", v.id, v.name)
 		}
 		seen[v.id], names[v.name] = true, true
@@ -115,7 +115,7 @@ func decodeCheckpoint(b []byte, dataBlocks uint32) (*decodedCkpt, error) {
 		prev := int64(-1)
 		for range n {
 			li, id := r.u32(), r.u32()
-			if r.err || id >= nl || int64(li) <= prev || uint64(li)<<leafBits >= (v.size.Load()+blockSize-1)/blockSize+leafEntries {
+			if r.err || id >= nl || li >= 1<<24 || int64(li) <= prev || uint64(li)<<leafBits >= (v.size.Load()+blockSize-1)/blockSize+leafEntries {
 				return nil, fmt.Errorf("volume %q: bad leaf reference %d -> %d", v.name, li, id)
 			}
 			prev = int64(li)

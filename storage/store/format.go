@@ -116,7 +116,8 @@ func computeGeometry(size uint64, o FormatOptions) (Geometry, error) {
 	approxBlocks := (size - fixed) / blockSize
 	g.CkptSize = o.CkptSize
 	if g.CkptSize == 0 {
-		g.CkptSize = roundUp((approxBlocks/32+16)*leafEncodedMax+64<<10, blockSize)
+		leaves := int64(approxBlocks/32 + 16)
+		g.CkptSize = uint64(ckptBytes(leaves, 2*leaves))
 	}
 	g.CkptSize = roundUp(g.CkptSize, blockSize)
 	g.CkptOff[0] = fixed
@@ -293,7 +294,7 @@ type ringHeader struct {
 }
 
 func (h ringHeader) encode() []byte {
-	b := make([]byte, 0, sectorSize)
+	b := alignedBuf(sectorSize)[:0]
 	b = binary.LittleEndian.AppendUint32(b, headerMagic)
 	b = binary.LittleEndian.AppendUint64(b, h.Seq)
 	b = binary.LittleEndian.AppendUint32(b, h.Size)
@@ -319,7 +320,7 @@ func decodeRingHeader(b []byte) (ringHeader, bool) {
 // encodeBody builds a journal body for seq holding payload.
 func encodeBody(seq uint64, slots uint32, payload []byte, slotSize uint32) []byte {
 	n := roundUp(uint64(bodyHeaderSize+len(payload)), blockSize)
-	b := make([]byte, bodyHeaderSize, n)
+	b := alignedBuf(int(n))[:bodyHeaderSize]
 	binary.LittleEndian.PutUint32(b[0:], bodyMagic)
 	binary.LittleEndian.PutUint64(b[4:], seq)
 	binary.LittleEndian.PutUint32(b[12:], uint32(seq%uint64(slots)))

@@ -63,7 +63,7 @@ func Open(d Disk, o Options) (*Store, error) {
 	s := newStore(d, o, sb.Geo)
 	s.uuid = sb.UUID
 	s.c.sb = *sb
-	from, err := s.loadCheckpoint(sb)
+	from, fellBack, err := s.loadCheckpoint(sb)
 	if err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
 	}
@@ -74,15 +74,21 @@ func Open(d Disk, o Options) (*Store, error) {
 	s.c.nextSeq = next
 	s.c.durableSeq.Store(next - 1)
 	s.initFree()
-	if repairSuper {
+	if repairSuper != "" || fellBack {
 		nsb := *sb
 		nsb.Sequence++
 		nsb.Parent = sb.sum()
+		if fellBack {
+			// Point both references at the good checkpoint so the next
+			// checkpoint overwrites the corrupt area, not the good one.
+			nsb.Current = sb.Previous
+			repairSuper = "current checkpoint replaced by the previous one"
+		}
 		if err := s.wait(func(done func(error)) { s.writeSuperblock(nsb, done) }); err != nil {
 			return nil, fmt.Errorf("open store: repair superblock: %w", err)
 		}
 		s.c.sb = nsb
-		s.log.Warn("repaired superblock copies")
+		s.note("superblock: %s; rewrote all copies", repairSuper)
 	}
 	s.log.Info("store opened", "volumes", len(s.table().byID), "journal_seq", next-1,
 		"checkpoint_seq", from, "elapsed", time.Since(start))
@@ -123,7 +129,7 @@ func (s *Store) Sync() error {
 	return s.wait(s.flush)
 }
 
-func readSuperblock(d Disk, o Options) (*superblock, bool, error) {
+func readSuperblock(d Disk, o Options) (*superblock, string, error) {
 	var copies [superCopies]*superblock
 	var why [superCopies]string
 	for i := range superCopies {
@@ -170,28 +176,39 @@ func readSuperblock(d Disk, o Options) (*superblock, bool, error) {
 			}
 			fmt.Fprintf(&b, "; copy %d at offset %d: %s", i, i*blockSize, state)
 		}
-		return nil, false, fmt.Errorf("no superblock quorum (need %d of %d identical copies)%s: %w", superQuorum, superCopies, b.String(), ErrCorrupt)
+		return nil, "", fmt.Errorf("no superblock quorum (need %d of %d identical copies)%s: %w", superQuorum, superCopies, b.String(), ErrCorrupt)
 	}
-	return best, votes != superCopies, nil
+	var bad []string
+	for i, c := range copies {
+		if c == nil || c.sum() != best.sum() {
+			state := why[i]
+			if state == "" {
+				state = fmt.Sprintf("stale sequence %d", c.Sequence)
+			}
+			bad = append(bad, fmt.Sprintf("copy %d at offset %d: %s", i, i*blockSize, state))
+		}
+	}
+	_ = votes
+	return best, strings.Join(bad, "; "), nil
 }
 
 // loadCheckpoint loads the current checkpoint, or the previous one when the
 // current fails verification and fallback is allowed. It returns the
 // sequence to replay the journal after.
-func (s *Store) loadCheckpoint(sb *superblock) (uint64, error) {
+func (s *Store) loadCheckpoint(sb *superblock) (uint64, bool, error) {
 	d, errCur := s.readCheckpoint(sb.Current)
 	ref := sb.Current
 	if errCur != nil {
 		if sb.Current.Flags&ckptNoFallback != 0 {
-			return 0, fmt.Errorf("current checkpoint: %w (no fallback: the journal no longer covers the previous checkpoint): %w", errCur, ErrCorrupt)
+			return 0, false, fmt.Errorf("current checkpoint: %w (no fallback: the journal no longer covers the previous checkpoint): %w", errCur, ErrCorrupt)
 		}
 		var errPrev error
 		d, errPrev = s.readCheckpoint(sb.Previous)
 		if errPrev != nil {
-			return 0, fmt.Errorf("current checkpoint: %w; previous checkpoint: %w: %w", errCur, errPrev, ErrCorrupt)
+			return 0, false, fmt.Errorf("current checkpoint: %w; previous checkpoint: %w: %w", errCur, errPrev, ErrCorrupt)
 		}
 		ref = sb.Previous
-		s.log.Warn("current checkpoint is corrupt, recovering from the previous one", "err", errCur)
+		s.note("%v; recovered from the previous checkpoint (seq %d) and a longer journal replay", errCur, ref.Seq)
 	}
 	vt := &volTable{byID: map[uint32]*volume{}, byName: map[string]*volume{}, nextID: d.nextID}
 	for _, v := range d.vols {
@@ -200,7 +217,7 @@ func (s *Store) loadCheckpoint(sb *superblock) (uint64, error) {
 	}
 	s.vols.Store(vt)
 	s.recountRefs()
-	return ref.Seq, nil
+	return ref.Seq, errCur != nil, nil
 }
 
 func (s *Store) readCheckpoint(ref ckptRef) (*decodedCkpt, error) {
@@ -338,7 +355,7 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 		if err := s.writeSync(g.headerOffset(seq), h.encode()); err != nil {
 			return 0, fmt.Errorf("repair journal header %d: %w", seq, err)
 		}
-		s.log.Warn("repaired journal header from its body", "seq", seq, "offset", g.headerOffset(seq))
+		s.note("journal entry %d: header at offset %d was damaged; rewrote it from the intact body", seq, g.headerOffset(seq))
 	}
 	for _, slot := range erase {
 		if err := s.writeSync(g.BodyOff+slot*uint64(g.SlotSize), alignedBuf(blockSize)); err != nil {

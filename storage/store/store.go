@@ -150,6 +150,9 @@ type Store struct {
 	}
 	closed atomic.Bool
 	failed atomic.Pointer[error]
+
+	notesMu sync.Mutex
+	notes   []string
 }
 
 func (s *Store) table() *volTable { return s.vols.Load() }
@@ -355,3 +358,19 @@ var blockPool = sync.Pool{New: func() any { b := alignedBuf(blockSize); return &
 
 func getBlock() []byte  { return *(blockPool.Get().(*[]byte)) }
 func putBlock(b []byte) { blockPool.Put(&b) }
+
+// note records a repair or finding made while opening, for fsck.
+func (s *Store) note(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	s.log.Warn(msg)
+	s.notesMu.Lock()
+	s.notes = append(s.notes, msg)
+	s.notesMu.Unlock()
+}
+
+// Repairs lists what Open found damaged and repaired from redundancy.
+func (s *Store) Repairs() []string {
+	s.notesMu.Lock()
+	defer s.notesMu.Unlock()
+	return append([]string(nil), s.notes...)
+}

@@ -244,8 +244,11 @@ func (r *Ring) Submit() (int, error) { return r.SubmitAndWait(0) }
 // completions are available (they are not reaped: use Peek). Interrupted
 // calls are retried. A completion queue that is full (EBUSY) or a kernel
 // out of request memory (EAGAIN) is handled by moving the visible CQEs into
-// the ring's backlog, which Peek drains first, and retrying.
+// the ring's backlog, which Peek drains first, and retrying. wait is capped
+// at CQEntries.
 func (r *Ring) SubmitAndWait(wait uint32) (int, error) {
+	// More than the CQ holds can never be waiting in it at once.
+	wait = min(wait, r.cqEntries)
 	// Publish SQE contents before the tail that makes them visible.
 	atomic.StoreUint32(r.sqTail, r.sqeTail)
 	submitted := 0

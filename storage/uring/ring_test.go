@@ -430,8 +430,9 @@ func TestEventFD(t *testing.T) {
 	if _, err := unix.Read(efd, cnt[:]); err != nil {
 		t.Fatal(err)
 	}
-	if v := *(*uint64)(unsafe.Pointer(&cnt[0])); v != 3 {
-		t.Errorf("eventfd counter %d, want 3 (one per CQE)", v)
+	// The kernel may coalesce signals for a batch of CQEs.
+	if v := *(*uint64)(unsafe.Pointer(&cnt[0])); v < 1 || v > 3 {
+		t.Errorf("eventfd counter %d, want 1..3", v)
 	}
 	run(t, r, 3)
 	if err := r.UnregisterEventFD(); err != nil {

@@ -22,43 +22,43 @@ type Request uint32
 
 // Front-end -> back-end request codes (vhost-user.rst "Front-end message types").
 const (
-	GetFeatures          Request = 1
-	SetFeatures          Request = 2
-	SetOwner             Request = 3
-	ResetOwner           Request = 4
-	SetMemTable          Request = 5
-	SetLogBase           Request = 6
-	SetLogFD             Request = 7
-	SetVringNum          Request = 8
-	SetVringAddr         Request = 9
-	SetVringBase         Request = 10
-	GetVringBase         Request = 11
-	SetVringKick         Request = 12
-	SetVringCall         Request = 13
-	SetVringErr          Request = 14
-	GetProtocolFeatures  Request = 15
-	SetProtocolFeatures  Request = 16
-	GetQueueNum          Request = 17
-	SetVringEnable       Request = 18
-	SendRARP             Request = 19
-	NetSetMTU            Request = 20
-	SetBackendReqFD      Request = 21
-	IOTLBMsg             Request = 22
-	SetVringEndian       Request = 23
-	GetConfig            Request = 24
-	SetConfig            Request = 25
-	PostcopyAdvise       Request = 28
-	PostcopyListen       Request = 29
-	PostcopyEnd          Request = 30
-	GetInflightFD        Request = 31
-	SetInflightFD        Request = 32
-	ResetDevice          Request = 34
-	VringKick            Request = 35
-	GetMaxMemSlots       Request = 36
-	AddMemReg            Request = 37
-	RemMemReg            Request = 38
-	SetStatus            Request = 39
-	GetStatus            Request = 40
+	GetFeatures         Request = 1
+	SetFeatures         Request = 2
+	SetOwner            Request = 3
+	ResetOwner          Request = 4
+	SetMemTable         Request = 5
+	SetLogBase          Request = 6
+	SetLogFD            Request = 7
+	SetVringNum         Request = 8
+	SetVringAddr        Request = 9
+	SetVringBase        Request = 10
+	GetVringBase        Request = 11
+	SetVringKick        Request = 12
+	SetVringCall        Request = 13
+	SetVringErr         Request = 14
+	GetProtocolFeatures Request = 15
+	SetProtocolFeatures Request = 16
+	GetQueueNum         Request = 17
+	SetVringEnable      Request = 18
+	SendRARP            Request = 19
+	NetSetMTU           Request = 20
+	SetBackendReqFD     Request = 21
+	IOTLBMsg            Request = 22
+	SetVringEndian      Request = 23
+	GetConfig           Request = 24
+	SetConfig           Request = 25
+	PostcopyAdvise      Request = 28
+	PostcopyListen      Request = 29
+	PostcopyEnd         Request = 30
+	GetInflightFD       Request = 31
+	SetInflightFD       Request = 32
+	ResetDevice         Request = 34
+	VringKick           Request = 35
+	GetMaxMemSlots      Request = 36
+	AddMemReg           Request = 37
+	RemMemReg           Request = 38
+	SetStatus           Request = 39
+	GetStatus           Request = 40
 )
 
 var requestNames = map[Request]string{
@@ -106,11 +106,11 @@ const (
 
 // Header flag bits.
 const (
-	FlagVersion   uint32 = 0x1 // the only protocol version
-	FlagReply     uint32 = 0x4
-	FlagNeedReply uint32 = 0x8
-	flagVersionMask      = 0x3
-	flagKnown            = flagVersionMask | FlagReply | FlagNeedReply
+	FlagVersion     uint32 = 0x1 // the only protocol version
+	FlagReply       uint32 = 0x4
+	FlagNeedReply   uint32 = 0x8
+	flagVersionMask        = 0x3
+	flagKnown              = flagVersionMask | FlagReply | FlagNeedReply
 )
 
 // Limits. MaxPayload bounds what a peer can make us allocate; 4 KiB fits the

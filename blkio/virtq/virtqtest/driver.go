@@ -260,5 +260,21 @@ func (d *Driver) Reap() []Used {
 	return out
 }
 
+// EnableInterrupts asks for an interrupt at the next used entry, as a
+// driver does before it sleeps (used_event = last seen used index, or clear
+// NO_INTERRUPT). The caller must check UsedIdx again afterwards.
+func (d *Driver) EnableInterrupts() {
+	if d.EventIdx {
+		d.SetUsedEvent(d.lastUsed)
+	} else {
+		d.SetNoInterrupt(false)
+	}
+	var fence uint32
+	atomic.AddUint32(&fence, 1)
+}
+
 // AvailIdx is the driver's avail index.
 func (d *Driver) AvailIdx() uint16 { return d.availIdx }
+
+// LastUsed is the used index up to which the driver has reaped.
+func (d *Driver) LastUsed() uint16 { return d.lastUsed }

@@ -1,0 +1,298 @@
+package store
+
+import (
+	"fmt"
+
+	"github.com/virtblk/virtblk/storage"
+)
+
+// Vol is a handle for I/O on one volume. Its methods start the operation
+// and call done when it finishes; they are safe for concurrent use.
+type Vol struct {
+	s *Store
+	v *volume
+}
+
+// Volume returns a handle for the named volume, snapshot or clone.
+func (s *Store) Volume(name string) (*Vol, error) {
+	v, err := s.lookupName(name)
+	if err != nil {
+		return nil, err
+	}
+	return &Vol{s: s, v: v}, nil
+}
+
+func (h *Vol) Name() string   { return h.v.name }
+func (h *Vol) Size() uint64   { return h.v.size.Load() }
+func (h *Vol) ReadOnly() bool { return h.v.readOnly }
+
+func (h *Vol) check(off, n uint64, write bool) error {
+	if err := h.s.failure(); err != nil {
+		return err
+	}
+	if h.v.deleted.Load() {
+		return fmt.Errorf("volume %q was deleted: %w", h.v.name, storage.ErrIO)
+	}
+	if write && h.v.readOnly {
+		return fmt.Errorf("%q is a snapshot: %w", h.v.name, storage.ErrReadOnly)
+	}
+	if off%storage.SectorSize != 0 || n%storage.SectorSize != 0 {
+		return fmt.Errorf("offset %d length %d not multiples of %d: %w", off, n, storage.SectorSize, storage.ErrIO)
+	}
+	if off+n < off || off+n > h.v.size.Load() {
+		return fmt.Errorf("offset %d length %d on %q of %d bytes: %w", off, n, h.v.name, h.v.size.Load(), storage.ErrRange)
+	}
+	return nil
+}
+
+// pieces splits [off, off+n) into per-block parts.
+func pieces(off, n uint64, fn func(lblock uint32, inBlock, pos, length int)) int {
+	count := 0
+	pos := 0
+	for n > 0 {
+		lb := uint32(off / blockSize)
+		in := int(off % blockSize)
+		l := min(uint64(blockSize-in), n)
+		if fn != nil {
+			fn(lb, in, pos, int(l))
+		}
+		count++
+		off += l
+		n -= l
+		pos += int(l)
+	}
+	return count
+}
+
+type piece struct {
+	lb           uint32
+	in, pos, len int
+}
+
+func splitPieces(off, n uint64) []piece {
+	var ps []piece
+	pieces(off, n, func(lb uint32, in, pos, l int) { ps = append(ps, piece{lb, in, pos, l}) })
+	return ps
+}
+
+// ReadAt reads len(dst) bytes at off into dst.
+func (h *Vol) ReadAt(dst []byte, off uint64, done func(error)) {
+	if err := h.check(off, uint64(len(dst)), false); err != nil {
+		done(err)
+		return
+	}
+	h.s.stats.reads.Add(1)
+	ps := splitPieces(off, uint64(len(dst)))
+	all(len(ps), func(i int, d func(error)) {
+		p := ps[i]
+		h.readBlock(p.lb, dst[p.pos:p.pos+p.len], p.in, d)
+	}, done)
+}
+
+// readBlock reads part of one logical block. The read epoch keeps the
+// physical block from being reused until the read has finished.
+func (h *Vol) readBlock(lb uint32, dst []byte, in int, done func(error)) {
+	s := h.s
+	ep := s.readEnter()
+	e := h.v.t.lookup(lb)
+	if e == 0 {
+		s.readExit(ep)
+		clear(dst)
+		done(nil)
+		return
+	}
+	buf := getBlock()
+	p := entryBlock(e)
+	s.disk.Read(s.geo.blockOffset(p), buf, func(err error) {
+		defer putBlock(buf)
+		defer s.readExit(ep)
+		if err == nil && dataCRC(p, buf) != entryCRC(e) {
+			s.stats.csum.Add(1)
+			s.log.Error("data checksum mismatch", "volume", h.v.name, "block", lb, "physical_block", p,
+				"offset", s.geo.blockOffset(p))
+			done(fmt.Errorf("volume %q block %d (physical block %d at offset %d): %w",
+				h.v.name, lb, p, s.geo.blockOffset(p), storage.ErrChecksum))
+			return
+		}
+		if err != nil {
+			s.stats.ioerr.Add(1)
+			s.log.Error("data read failed", "volume", h.v.name, "block", lb, "physical_block", p, "err", err)
+			done(fmt.Errorf("volume %q block %d (physical block %d): %w: %w", h.v.name, lb, p, storage.ErrIO, err))
+			return
+		}
+		copy(dst, buf[in:])
+		done(nil)
+	})
+}
+
+// WriteAt writes src at off. The data is copied before WriteAt returns.
+func (h *Vol) WriteAt(src []byte, off uint64, done func(error)) {
+	h.write(src, off, uint64(len(src)), false, done)
+}
+
+// WriteZeroes zeroes [off, off+n): whole blocks are unmapped (reads return
+// zeroes, space is freed), partial blocks are rewritten. Discard does the
+// same, so a discarded sector reads as zeroes.
+func (h *Vol) WriteZeroes(off, n uint64, done func(error)) {
+	h.write(nil, off, n, true, done)
+}
+
+// Flush calls done once every write completed before the call is durable.
+func (h *Vol) Flush(done func(error)) { h.s.flush(done) }
+
+func (h *Vol) write(src []byte, off, n uint64, zero bool, done func(error)) {
+	if err := h.check(off, n, true); err != nil {
+		done(err)
+		return
+	}
+	h.s.stats.writes.Add(1)
+	ps := splitPieces(off, n)
+	bufs := make([][]byte, len(ps))
+	for i, p := range ps {
+		if zero {
+			continue
+		}
+		if p.len == blockSize {
+			b := getBlock()
+			copy(b, src[p.pos:p.pos+p.len])
+			bufs[i] = b
+		} else {
+			bufs[i] = append([]byte(nil), src[p.pos:p.pos+p.len]...)
+		}
+	}
+	all(len(ps), func(i int, d func(error)) {
+		p := ps[i]
+		data := bufs[i]
+		if zero && p.len != blockSize {
+			data = make([]byte, p.len)
+		}
+		h.writeBlock(p.lb, data, p.in, d)
+	}, done)
+}
+
+// writeBlock writes one block's part. data == nil unmaps the whole block.
+// Writes to one logical block run one at a time in submission order, so a
+// read-modify-write never loses a concurrent write's sectors.
+func (h *Vol) writeBlock(lb uint32, data []byte, in int, done func(error)) {
+	st := h.v.stripeOf(lb)
+	st.mu.Lock()
+	if st.busy == nil {
+		st.busy = map[uint32][]func(){}
+	}
+	run := func() { h.runWrite(lb, data, in, done) }
+	if q, ok := st.busy[lb]; ok {
+		st.busy[lb] = append(q, run)
+		st.mu.Unlock()
+		return
+	}
+	st.busy[lb] = nil
+	st.mu.Unlock()
+	run()
+}
+
+// finishLocked ends the write owning lb and returns the next one to run.
+func (st *stripe) finishLocked(lb uint32) func() {
+	q := st.busy[lb]
+	if len(q) == 0 {
+		delete(st.busy, lb)
+		return nil
+	}
+	st.busy[lb] = q[1:]
+	return q[0]
+}
+
+func (h *Vol) complete(st *stripe, lb uint32, err error, done func(error)) {
+	st.mu.Lock()
+	next := st.finishLocked(lb)
+	st.mu.Unlock()
+	done(err)
+	if next != nil {
+		next()
+	}
+}
+
+func (h *Vol) runWrite(lb uint32, data []byte, in int, done func(error)) {
+	s := h.s
+	st := h.v.stripeOf(lb)
+	if data == nil {
+		st.mu.Lock()
+		var err error
+		if h.v.deleted.Load() {
+			err = fmt.Errorf("volume %q was deleted: %w", h.v.name, storage.ErrIO)
+		} else if h.v.t.lookup(lb) != 0 {
+			if _, err = s.setEntry(h.v.t, lb, 0, &st.frees); err == nil {
+				st.recs = append(st.recs, record{kind: recSet, vol: h.v.id, lblock: lb})
+				s.pending.Add(1)
+			}
+		}
+		next := st.finishLocked(lb)
+		st.mu.Unlock()
+		done(err)
+		if next != nil {
+			next()
+		}
+		s.maybeCommit()
+		return
+	}
+	if len(data) == blockSize {
+		h.writeNew(lb, data, done)
+		return
+	}
+	// Read-modify-write of a partial block.
+	buf := getBlock()
+	h.readBlock(lb, buf, 0, func(err error) {
+		if err != nil {
+			putBlock(buf)
+			h.complete(st, lb, fmt.Errorf("read for partial write: %w", err), done)
+			return
+		}
+		copy(buf[in:], data)
+		h.writeNew(lb, buf, done)
+	})
+}
+
+// writeNew writes a full block to a fresh physical block and installs it.
+func (h *Vol) writeNew(lb uint32, buf []byte, done func(error)) {
+	s := h.s
+	st := h.v.stripeOf(lb)
+	p, err := s.alloc()
+	if err != nil {
+		putBlock(buf)
+		h.complete(st, lb, fmt.Errorf("volume %q block %d: %w: %w", h.v.name, lb, storage.ErrIO, err), done)
+		return
+	}
+	crc := dataCRC(p, buf)
+	s.disk.Write(s.geo.blockOffset(p), buf, func(err error) {
+		putBlock(buf)
+		if err != nil {
+			s.stats.ioerr.Add(1)
+			s.release([]uint32{p})
+			h.complete(st, lb, fmt.Errorf("volume %q block %d: write physical block %d: %w: %w", h.v.name, lb, p, storage.ErrIO, err), done)
+			return
+		}
+		st.mu.Lock()
+		if h.v.deleted.Load() {
+			err = fmt.Errorf("volume %q was deleted: %w", h.v.name, storage.ErrIO)
+		} else if _, err = s.setEntry(h.v.t, lb, makeEntry(p, crc), &st.frees); err == nil {
+			st.recs = append(st.recs, record{kind: recSet, vol: h.v.id, lblock: lb, entry: makeEntry(p, crc)})
+			s.pending.Add(1)
+		}
+		if err != nil {
+			s.release([]uint32{p})
+			err = fmt.Errorf("volume %q block %d: %w: %w", h.v.name, lb, storage.ErrIO, err)
+		}
+		next := st.finishLocked(lb)
+		st.mu.Unlock()
+		done(err)
+		if next != nil {
+			next()
+		}
+		s.maybeCommit()
+	})
+}
+
+func (s *Store) maybeCommit() {
+	if s.pending.Load() >= int64(s.opts.CommitRecords) {
+		s.kick()
+	}
+}
