@@ -72,13 +72,18 @@ func Check(dom *libvirtxml.Domain, plan IOThreadPlan) error {
 		}
 	}
 	if dom.CPUTune != nil {
+		parsed := map[string]bool{} // a pool shares one cpuset: parse it once
 		for _, p := range dom.CPUTune.IOThreadPin {
 			if !ids[p.IOThread] {
 				return &RuleError{Rule: RulePinDefined, Detail: fmt.Sprintf("pin for IOThread %d", p.IOThread)}
 			}
+			if parsed[p.CPUSet] {
+				continue
+			}
 			if _, err := ParseCPUSet(p.CPUSet); err != nil {
 				return &RuleError{Rule: RulePinCPUSet, Detail: fmt.Sprintf("IOThread %d: %v", p.IOThread, err)}
 			}
+			parsed[p.CPUSet] = true
 		}
 	}
 

@@ -1,6 +1,7 @@
 package domainxml
 
 import (
+	"bytes"
 	"fmt"
 
 	"github.com/virtblk/virtblk/domainxml/internal/xmltree"
@@ -18,6 +19,9 @@ var kubevirtDiskExtras = map[string]bool{"filesystemOverhead": true, "capacity":
 // which is the common case. Call it on the final bytes whenever the domain
 // went through libvirtxml; RewriteIOThreads does.
 func KeepKubeVirtDiskExtras(original, rewritten []byte) ([]byte, error) {
+	if !bytes.Contains(original, []byte("<filesystemOverhead")) && !bytes.Contains(original, []byte("<capacity")) {
+		return rewritten, nil // fast path: nothing to keep
+	}
 	in, err := xmltree.Parse(original)
 	if err != nil {
 		return nil, fmt.Errorf("keep KubeVirt disk extras: original: %w", err)

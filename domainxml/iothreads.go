@@ -61,9 +61,15 @@ func ApplyIOThreads(dom *libvirtxml.Domain, plan IOThreadPlan) (Report, error) {
 	}
 
 	setIOThreadIDs(dom, kept, total, plan.Polling)
+	// Each disk's round-robin starts where the previous disk's ended, so
+	// many single-queue disks spread over the pool instead of all landing
+	// on its first IOThread. Plan order is the VMI's disk order, the same on
+	// every call, so this stays deterministic.
+	var start uint
 	for _, dp := range plan.Disks {
 		disk := planned[dp.Alias]
-		dr := mapDisk(disk, dp, kept, pool)
+		dr := mapDisk(disk, dp, kept, pool, start)
+		start = (start + uint(dp.Queues)) % pool
 		dr.Dev = diskDev(disk)
 		rep.Disks = append(rep.Disks, dr)
 	}
@@ -265,10 +271,10 @@ func setIOThreadIDs(dom *libvirtxml.Domain, kept, total uint, poll *Polling) {
 }
 
 // mapDisk writes one disk's <driver queues> and <iothreads> mapping.
-func mapDisk(d *libvirtxml.DomainDisk, dp DiskPlan, kept, pool uint) DiskReport {
+func mapDisk(d *libvirtxml.DomainDisk, dp DiskPlan, kept, pool, start uint) DiskReport {
 	byThread := map[uint][]uint{}
 	for q := 0; q < dp.Queues; q++ {
-		t := uint(q) % pool
+		t := (start + uint(q)) % pool
 		if dp.QueueMap != nil {
 			t = uint(dp.QueueMap[q])
 		}

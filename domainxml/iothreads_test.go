@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
+	"regexp"
 	"strings"
 	"testing"
 
 	"libvirt.org/go/libvirtxml"
 
+	"github.com/virtblk/virtblk/domainxml/internal/xmltree"
 	"github.com/virtblk/virtblk/domainxml/kvsim"
 )
 
@@ -59,6 +62,15 @@ func TestThreeCallSequence(t *testing.T) {
 			if s1 != s2 || s1 != s3 {
 				t.Fatalf("settings differ across calls:\ncall1:\n%s\ncall2:\n%s\ncall3:\n%s", s1, s2, s3)
 			}
+			// As whole trees: later calls differ from call 1 only by what
+			// libvirt added (disk addresses, PCI controllers).
+			for i, out := range [][]byte{out2, out3} {
+				for _, l := range xmltree.Diff(mustTree(t, out1), mustTree(t, out), libvirtKey) {
+					if !libvirtAdded.MatchString(l) {
+						t.Errorf("out%d differs from out1 beyond libvirt's additions: %s", i+2, l)
+					}
+				}
+			}
 			if fmt.Sprint(rep1) != fmt.Sprint(rep2) || fmt.Sprint(rep1) != fmt.Sprint(rep3) {
 				t.Fatalf("reports differ: %+v / %+v / %+v", rep1, rep2, rep3)
 			}
@@ -85,6 +97,8 @@ func TestThreeCallSequence(t *testing.T) {
 	}
 	validateAll(t, docs)
 }
+
+var libvirtAdded = regexp.MustCompile(`^\+ /domain/devices\[0\]/(disk\[[^\]]+\]/address\[0\]|controller\[pci:\d+\])$`)
 
 func countDisks(t testing.TB, b []byte) int {
 	d := mustParse(t, b)
@@ -351,9 +365,9 @@ func TestCheckRules(t *testing.T) {
 	}
 }
 
-// TestSchemaCatchesInvalid proves the validation above can fail: the lossy
-// vhost-user input (empty <source>) and a driver with both iothread forms
-// are rejected by the schema or by Check.
+// TestSchemaCatchesInvalid proves the schema validation above can fail:
+// the lossy vhost-user input (empty <source>) is rejected, and the same
+// document after ToVhostUser is accepted.
 func TestSchemaCatchesInvalid(t *testing.T) {
 	lossy := readFixture(t, "vhostuser-refeed.xml")
 	res := lint(t, map[string][]byte{"lossy.xml": lossy})
@@ -371,5 +385,39 @@ func TestSchemaCatchesInvalid(t *testing.T) {
 	}
 	if why := lint(t, map[string][]byte{"fixed.xml": out})["fixed.xml"]; why != "" {
 		t.Fatalf("redirected document rejected: %s", why)
+	}
+}
+
+func TestReportLogValue(t *testing.T) {
+	_, rep, err := RewriteIOThreads(readFixture(t, "auto-dedicated.xml"), IOThreadPlan{PoolSize: 2, Disks: []DiskPlan{disk("ua-datadisk", 4)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+		if a.Key == slog.TimeKey {
+			return slog.Attr{}
+		}
+		return a
+	}})).Info("rewrite", "plan", rep)
+	want := `level=INFO msg=rewrite plan.iothreads=4 plan.kept=2 plan.pool=3-4 plan.disks="ua-datadisk(vdb) q=4 3:[0 2] 4:[1 3]"` + "\n"
+	if buf.String() != want {
+		t.Fatalf("got  %s\nwant %s", buf.String(), want)
+	}
+}
+
+// Single-queue disks must not all land on the pool's first IOThread: each
+// disk's round-robin continues where the previous disk's stopped.
+func TestRoundRobinContinuesAcrossDisks(t *testing.T) {
+	dom := mustParse(t, readFixture(t, "no-iothreads.xml"))
+	rep, err := ApplyIOThreads(dom, IOThreadPlan{PoolSize: 2, Disks: []DiskPlan{
+		{Alias: "ua-rootdisk", Queues: 1}, {Alias: "ua-scratch", Queues: 1},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := fmt.Sprint(rep.Disks[0].Threads, rep.Disks[1].Threads)
+	if got != "[{1 [0]}] [{2 [0]}]" {
+		t.Fatalf("threads %s, want the two disks on different IOThreads", got)
 	}
 }

@@ -35,7 +35,8 @@ type DiskPlan struct {
 	Queues int
 	// QueueMap, if not nil, has one entry per queue: the pool IOThread that
 	// serves it, counted from 0 within the pool (not a libvirt id). Nil
-	// means round-robin: queue q goes to pool thread q % PoolSize.
+	// means round-robin: queue q goes to pool thread (start+q) % PoolSize,
+	// where start is the total queue count of the disks before it in the plan.
 	QueueMap []int
 }
 

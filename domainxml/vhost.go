@@ -8,6 +8,10 @@ import (
 	"libvirt.org/go/libvirtxml"
 )
 
+// maxUnixPath is sun_path's size (108) minus the terminating NUL: QEMU
+// cannot connect to a longer path.
+const maxUnixPath = 107
+
 // VhostUserOptions describe the vhost-user-blk back-end a disk is pointed at.
 type VhostUserOptions struct {
 	// SocketPath is the back-end's listening unix socket as QEMU sees it
@@ -36,6 +40,9 @@ type VhostUserOptions struct {
 func ToVhostUser(dom *libvirtxml.Domain, alias string, opt VhostUserOptions) error {
 	if opt.SocketPath == "" || !filepath.IsAbs(opt.SocketPath) {
 		return fmt.Errorf("vhost-user disk %s: socket path %q must be absolute", alias, opt.SocketPath)
+	}
+	if len(opt.SocketPath) > maxUnixPath {
+		return fmt.Errorf("vhost-user disk %s: socket path %q is %d bytes, more than a unix socket address holds (%d); use a shorter directory", alias, opt.SocketPath, len(opt.SocketPath), maxUnixPath)
 	}
 	if opt.Queues > MaxQueues {
 		return fmt.Errorf("vhost-user disk %s: %d queues is above the limit of %d", alias, opt.Queues, MaxQueues)

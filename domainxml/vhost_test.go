@@ -142,6 +142,9 @@ func TestRedirectErrors(t *testing.T) {
 		{"cdrom", func(d *libvirtxml.Domain) error {
 			return ToVhostUser(d, "ua-sysprep", VhostUserOptions{SocketPath: testSock})
 		}, []string{"ua-sysprep (target sdj)", "cdrom"}},
+		{"long socket path", func(d *libvirtxml.Domain) error {
+			return ToVhostUser(d, "ua-myvolume", VhostUserOptions{SocketPath: "/var/run/kubevirt-hooks/" + strings.Repeat("x", 90) + "/d.sock"})
+		}, []string{"ua-myvolume", "121 bytes", "107"}},
 		{"queues", func(d *libvirtxml.Domain) error {
 			return ToVhostUser(d, "ua-myvolume", VhostUserOptions{SocketPath: testSock, Queues: 5000})
 		}, []string{"5000 queues"}},
