@@ -38,7 +38,6 @@ STAMP=$ROOT/.virtblk-stamp
 die() { echo "trixie-root.sh: $*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (debootstrap, chroot)"
-command -v debootstrap >/dev/null || die "debootstrap missing: run hack/host-deps.sh (apt-get install debootstrap)"
 
 mkdir -p "$(dirname "$ROOT")"
 exec 9>"$ROOT.lock"
@@ -47,20 +46,19 @@ flock 9
 if [[ -f $STAMP && $(cat "$STAMP") == "$STAMP_CONTENT" ]]; then
 	exit 0
 fi
+command -v debootstrap >/dev/null || die "debootstrap missing: run hack/host-deps.sh (apt-get install debootstrap)"
 
-mounted=()
-cleanup() {
-	local i
-	for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
-		umount -l "${mounted[i]}" 2>/dev/null || true
-	done
-}
-trap cleanup EXIT
-mnt() { # mnt TARGET mount-args...
-	local target=$1
-	shift
-	mount "$@" "$target"
-	mounted+=("$target")
+# in_root runs a command in the root inside a private mount namespace: the
+# /proc, /sys and /dev mounts vanish with it, even if this script is killed.
+in_root() {
+	unshare --mount --propagation private -- /bin/bash -euc '
+		root=$1; shift
+		mount -t proc proc "$root/proc"
+		mount -t sysfs sysfs "$root/sys"
+		mount --rbind /dev "$root/dev"
+		exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+			HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"
+	' trixie-root "$ROOT" "$@"
 }
 
 rm -f "$STAMP"
@@ -83,14 +81,9 @@ fi
 printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
 chmod +x "$ROOT/usr/sbin/policy-rc.d"
 
-mnt "$ROOT/proc" -t proc proc
-mnt "$ROOT/sys" -t sysfs sysfs
-mnt "$ROOT/dev" --bind /dev
-mnt "$ROOT/dev/pts" --bind /dev/pts
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 
 echo "trixie-root.sh: installing ${PKGS[*]}" >&2
-in_root() { chroot "$ROOT" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"; }
 in_root apt-get -q update || die "apt-get update in $ROOT failed"
 in_root apt-get -q -y --no-install-recommends install "${PKGS[@]}" ||
 	die "apt-get install ${PKGS[*]} in $ROOT failed"
@@ -119,7 +112,5 @@ remember_owner = 0
 # virtblk end
 CONF
 
-cleanup
-mounted=()
 echo "$STAMP_CONTENT" >"$STAMP"
 echo "trixie-root.sh: ready: $ROOT" >&2

@@ -56,10 +56,17 @@ case $1 in
 	for pf in "$ROOT"/run/libvirt/qemu/*.pid; do
 		[[ -f $pf ]] || continue
 		pid=$(cat "$pf")
-		[[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null || true
+		# A stale pid file may name a reused pid: only kill a QEMU.
+		if [[ -n $pid ]] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q qemu-system; then
+			kill -KILL "$pid" 2>/dev/null || true
+		fi
 	done
 	if [[ -f $PIDFILE ]]; then
 		pid=$(cat "$PIDFILE")
+		if ! tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q libvirtd; then
+			rm -f "$PIDFILE"
+			exit 0
+		fi
 		kill -TERM "$pid" 2>/dev/null || true
 		for _ in $(seq 1 100); do
 			kill -0 "$pid" 2>/dev/null || break

@@ -106,7 +106,7 @@ func (h *Handler) Define(ctx context.Context, api, invocation string, domainXML,
 	}
 	out, more, err := h.define(ctx, call, domainXML)
 	attrs = append(attrs, more...)
-	attrs = append(attrs, slog.Duration("took", time.Since(start)))
+	attrs = append(attrs, slog.String("took", time.Since(start).Round(time.Microsecond).String()))
 	if err != nil {
 		attrs = append(attrs, slog.String("error", err.Error()))
 		h.log.LogAttrs(ctx, slog.LevelError, "define domain failed", attrs...)

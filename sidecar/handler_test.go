@@ -17,7 +17,7 @@ import (
 
 	"github.com/virtblk/virtblk/domainxml/kvsim"
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha3"
-	"github.com/virtblk/virtblk/sidecar/internal/hooktest"
+	"github.com/virtblk/virtblk/sidecar/hooktest"
 )
 
 // wantFixtureMapping is what the VMI fixture's annotations produce on

@@ -16,7 +16,7 @@ import (
 	"github.com/virtblk/virtblk/sidecar/hookapi/info"
 	pluginsv1alpha1 "github.com/virtblk/virtblk/sidecar/hookapi/plugins/v1alpha1"
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha3"
-	"github.com/virtblk/virtblk/sidecar/internal/hooktest"
+	"github.com/virtblk/virtblk/sidecar/hooktest"
 )
 
 // shortDir returns a fresh directory with a short path: unix socket paths

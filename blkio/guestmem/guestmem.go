@@ -51,11 +51,28 @@ func MapRegion(fd int, spec Spec) (*Region, error) {
 		return nil, fmt.Errorf("map guest region gpa %#x: address range wraps", spec.GuestAddr)
 	}
 	total := spec.Size + spec.MmapOffset
+	if err := CheckFDSize(fd, total); err != nil {
+		return nil, fmt.Errorf("map guest region gpa %#x: %w", spec.GuestAddr, err)
+	}
 	m, err := unix.Mmap(fd, 0, int(total), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_NORESERVE)
 	if err != nil {
 		return nil, fmt.Errorf("mmap guest region gpa %#x size %#x: %w", spec.GuestAddr, spec.Size, err)
 	}
 	return &Region{Spec: spec, mapping: m, host: m[spec.MmapOffset:total:total]}, nil
+}
+
+// CheckFDSize refuses a file shorter than need bytes: touching a mapping
+// past the end of its file raises SIGBUS, which would kill the process
+// instead of failing one request.
+func CheckFDSize(fd int, need uint64) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat memory fd: %w", err)
+	}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG && uint64(st.Size) < need {
+		return fmt.Errorf("memory fd holds %d bytes, the region needs %d", st.Size, need)
+	}
+	return nil
 }
 
 // NewRegion wraps host bytes that are already mapped (tests, or memory the

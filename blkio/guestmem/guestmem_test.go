@@ -81,7 +81,7 @@ func TestMapAndTranslate(t *testing.T) {
 
 func TestMapRegionRejects(t *testing.T) {
 	fd := memfd(t, 4096)
-	for _, s := range []Spec{{Size: 0}, {Size: 1 << 60}, {GuestAddr: ^uint64(0) - 10, Size: 4096}} {
+	for _, s := range []Spec{{Size: 0}, {Size: 1 << 60}, {Size: 8192}, {Size: 4096, MmapOffset: 4096}, {GuestAddr: ^uint64(0) - 10, Size: 4096}} {
 		if r, err := MapRegion(fd, s); err == nil {
 			r.Unmap()
 			t.Errorf("MapRegion(%+v) accepted", s)

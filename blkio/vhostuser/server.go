@@ -656,6 +656,9 @@ func (st *connState) mapInflight(fd int, size, off uint64, numQ, qsize uint16) e
 	if size > 1<<30 || off > 1<<40 || off%uint64(unix.Getpagesize()) != 0 {
 		return fmt.Errorf("inflight region of %d bytes at offset %d: out of range", size, off)
 	}
+	if err := guestmem.CheckFDSize(fd, off+size); err != nil {
+		return fmt.Errorf("inflight region: %w", err)
+	}
 	b, err := unix.Mmap(fd, int64(off), int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		return fmt.Errorf("map inflight region: %w", err)

@@ -25,10 +25,10 @@ const qsize = 16
 // fe is a minimal vhost-user front-end for tests: it speaks the protocol
 // the way QEMU's vhost-user-blk does, over a real unix socket.
 type fe struct {
-	t  *testing.T
-	c  *wire.Conn
-	g  *vt.Guest
-	ds []*vt.Driver
+	t          *testing.T
+	c          *wire.Conn
+	g          *vt.Guest
+	ds         []*vt.Driver
 	kick, call []int
 }
 

@@ -261,7 +261,7 @@ func TestDiscardWriteZeroesAndErrors(t *testing.T) {
 	check("sector overflow", r.do(virtioblk.TIn, ^uint64(0)-1, make([]byte, 1024), true), virtioblk.SIOErr)
 	check("unaligned length", r.do(virtioblk.TOut, 0, make([]byte, 100), false), virtioblk.SIOErr)
 	check("unknown type", r.do(77, 0, nil, false), virtioblk.SUnsupp)
-	vol.FailAt = 512 * 300
+	vol.SetFailAt(512 * 300)
 	check("media error", r.do(virtioblk.TIn, 300, make([]byte, 512), true), virtioblk.SIOErr)
 	if vol.Bytes()[0] != 0xab {
 		t.Error("rejected requests changed the volume")

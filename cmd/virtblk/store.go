@@ -108,11 +108,14 @@ func (c *storeCmd) parse(args []string, required ...string) error {
 // open opens the store and returns a close function that makes every change
 // durable.
 func (c *storeCmd) open() (*store.Store, func() error, error) {
-	d, err := store.OpenFileDisk(*c.store)
+	d, note, err := store.OpenDisk(*c.store)
 	if err != nil {
 		return nil, nil, err
 	}
 	logger := slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	if note != "" {
+		logger.Warn(note)
+	}
 	s, err := store.Open(d, store.Options{Logger: logger})
 	if err != nil {
 		d.Close()
@@ -169,11 +172,14 @@ func runStoreCreate(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 	}
-	d, err := store.OpenFileDisk(*c.store)
+	d, note, err := store.OpenDisk(*c.store)
 	if err != nil {
 		return err
 	}
 	defer d.Close()
+	if note != "" {
+		fmt.Fprintln(stderr, "virtblk: warning:", note)
+	}
 	if err := store.Format(d, store.FormatOptions{}, store.Options{}); err != nil {
 		if statErr != nil {
 			os.Remove(*c.store)

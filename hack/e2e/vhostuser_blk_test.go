@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bytes"
-	"fmt"
 	"math/rand"
 	"os"
 	"os/exec"
@@ -28,34 +27,23 @@ const (
 	vuMiB       = 1 << 20
 )
 
-var (
-	vuBuildOnce sync.Once
-	vuBinary    string
-	vuBuildErr  error
-)
-
-// vuBuildVirtblkd builds cmd/virtblkd once per test binary.
+// vuBuildVirtblkd builds cmd/virtblkd into the test's temp dir (the Go
+// build cache makes the second build cheap).
 func vuBuildVirtblkd(t *testing.T) string {
 	t.Helper()
-	vuBuildOnce.Do(func() {
-		_, file, _, _ := runtime.Caller(0)
-		root := filepath.Join(filepath.Dir(file), "..", "..")
-		dir, err := os.MkdirTemp("", "virtblkd-bin-")
-		if err != nil {
-			vuBuildErr = err
-			return
-		}
-		vuBinary = filepath.Join(dir, "virtblkd")
-		cmd := exec.Command("go", "build", "-o", vuBinary, "./cmd/virtblkd")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			vuBuildErr = fmt.Errorf("go build ./cmd/virtblkd: %v\n%s", err, out)
-		}
-	})
-	if vuBuildErr != nil {
-		t.Fatal(vuBuildErr)
+	_, file, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(file), "..", "..")
+	bin := filepath.Join(t.TempDir(), "virtblkd")
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
 	}
-	return vuBinary
+	cmd := exec.Command(gobin, "build", "-o", bin, "./cmd/virtblkd")
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/virtblkd: %v\n%s", err, out)
+	}
+	return bin
 }
 
 // vuDaemon is one virtblkd process.
@@ -281,26 +269,29 @@ func TestVhostUserBlkKillRestart(t *testing.T) {
 
 	script := `set -e
 [ "$(ls /sys/block/vda/mq | wc -l)" = 2 ] || { echo "VU-FAIL: mq"; exit 1; }
-echo VU-FIO-START
-fio --name=kill --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 --rw=randwrite --bs=4k \
+fio --name=kill --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=32 --rw=randwrite --bs=4k \
     --size=8M --offset_increment=8M --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split \
-    --verify=crc32c --verify_fatal=1 --do_verify=1 --loops=3 --group_reporting >/tmp/fio.out 2>&1 || { cat /tmp/fio.out; echo "VU-FAIL: fio"; exit 1; }
-cat /tmp/fio.out | grep -E "err=|IOPS" || true
+    --verify=crc32c --verify_fatal=1 --do_verify=1 --loops=3 --group_reporting >/tmp/fio.out 2>&1 &
+fio=$!
+# Tell the host once writes are flowing, so it kills the back-end mid-I/O.
+while [ "$(awk '{print $5}' /sys/block/vda/stat)" -lt 500 ]; do sleep 0.2; done
+echo VU-IO-RUNNING
+wait $fio || { cat /tmp/fio.out; echo "VU-FAIL: fio"; exit 1; }
+grep -E "err=|IOPS" /tmp/fio.out || true
 if dmesg | grep -i "I/O error"; then echo "VU-FAIL: kernel I/O errors"; exit 1; fi
 echo VU-ALL-OK
 `
 	vm := vmtest.Start(t, vmtest.Config{
 		Args: vuQEMUArgs(sock), Script: script, Memory: "512M", CPUs: 2, Timeout: 10 * time.Minute,
 	})
-	if err := vm.WaitConsole("VU-FIO-START", 3*time.Minute); err != nil {
-		t.Fatalf("guest did not start fio: %v\n%s", err, vuTail(vm.Console(), 3000))
+	if err := vm.WaitConsole("VU-IO-RUNNING", 5*time.Minute); err != nil {
+		t.Fatalf("guest I/O did not start: %v\n%s", err, vuTail(vm.Console(), 3000))
 	}
-	// Let fio get going, then kill the back-end with I/O in flight.
-	time.Sleep(3 * time.Second)
+	// Kill the back-end with fio's queue-depth-32 jobs in flight.
 	d1.cmd.Process.Signal(syscall.SIGKILL)
 	<-d1.done
 	killedLogs := d1.logs()
-	d2 := vuStart(t, bin, sock, img)
+	d2 := vuStart(t, bin, sock, img, "--log-level", "debug")
 	res := vm.Wait()
 	if res.ExitCode != 0 || !strings.Contains(res.Console, "VU-ALL-OK") {
 		t.Fatalf("guest exit %d after back-end restart\nconsole:\n%s\nfirst virtblkd:\n%s\nsecond virtblkd:\n%s",

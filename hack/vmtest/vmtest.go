@@ -163,8 +163,10 @@ func EnsureImage(t testing.TB) Image {
 func EnsureTrixie(t testing.TB) string {
 	t.Helper()
 	RequireRoot(t)
-	if _, err := exec.LookPath("debootstrap"); err != nil {
-		Missing(t, "debootstrap not installed (hack/host-deps.sh)")
+	if _, err := os.Stat(filepath.Join(TrixieRoot(), ".virtblk-stamp")); err != nil {
+		if _, err := exec.LookPath("debootstrap"); err != nil {
+			Missing(t, "debootstrap not installed (hack/host-deps.sh)")
+		}
 	}
 	script, err := Script("trixie-root.sh")
 	if err != nil {

@@ -178,6 +178,8 @@ func TestErrors(t *testing.T) {
 			KeyIOThreadCPUSet, "3,^3", []string{"selects no CPU"}},
 		{"cpuset too large", map[string]string{KeyIOThreads: "2", KeyIOThreadCPUSet: "0-20000"},
 			KeyIOThreadCPUSet, "0-20000", []string{"above the maximum"}},
+		{"cpuset too long", map[string]string{KeyIOThreads: "2", KeyIOThreadCPUSet: strings.Repeat("0-16383,", 200) + "1"},
+			KeyIOThreadCPUSet, strings.Repeat("0-16383,", 200) + "1", []string{"1601 characters is more than the limit of 1024", "use ranges"}},
 		{"cpuset with space", map[string]string{KeyIOThreads: "2", KeyIOThreadCPUSet: "2-5, 7"},
 			KeyIOThreadCPUSet, "2-5, 7", []string{"without spaces"}},
 		{"poll bad number", map[string]string{KeyIOThreads: "2", KeyIOThreadPoll: "max=lots"},

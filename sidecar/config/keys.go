@@ -168,8 +168,17 @@ func parseDisks(s *settings, key, _, raw string) *Error {
 	return nil
 }
 
+// maxCPUSetLen bounds a cpuset annotation. Real ones are short; the bound
+// keeps a pathological one ("0-16383," repeated) from costing seconds of
+// CPU in every define call.
+const maxCPUSetLen = 1024
+
 func parseCPUSet(s *settings, key, _, raw string) *Error {
 	v := strings.TrimSpace(raw)
+	if len(v) > maxCPUSetLen {
+		return &Error{key, raw, fmt.Sprintf("%d characters is more than the limit of %d", len(v), maxCPUSetLen),
+			"use ranges (\"0-63\") instead of long lists of single CPUs"}
+	}
 	// domainxml owns the cpuset grammar, so what passes here is exactly what
 	// the rewrite accepts.
 	if _, err := domainxml.ParseCPUSet(v); err != nil {

@@ -44,7 +44,7 @@ type slot struct {
 	bounce   []byte // mmap'd, aligned; nil when the request uses its own buffers
 	bounced  bool
 	nop      bool   // completed through a NOP: rejected or zero-length
-	mode     uint32 // fallocate mode in use
+	mode     uint32 // fallocate mode in use; 0 means a block discard command
 	retries  int
 }
 
@@ -60,7 +60,9 @@ type queue struct {
 	// noZeroRange: FALLOC_FL_ZERO_RANGE failed with EOPNOTSUPP once; use
 	// the fallback directly from now on. Per queue, so nothing is shared.
 	noZeroRange bool
-	closed      bool
+	// noBlkDiscard: the discard command failed with EOPNOTSUPP; use punch.
+	noBlkDiscard bool
+	closed       bool
 }
 
 func newQueue(v *Volume, depth int) (*queue, error) {
@@ -203,6 +205,18 @@ func (q *queue) sqe() *uring.SQE {
 }
 
 func (q *queue) prepRW(idx uint32, s *slot) {
+	if err := q.load(s); err != nil {
+		s.err = q.reqErr(s, err)
+		s.nop = true
+		q.sqe().PrepNop(uint64(idx))
+		return
+	}
+	q.prepIO(idx, s)
+}
+
+// load points the slot's iovecs at the request's buffers, or at a bounce
+// buffer (filled for a write) when O_DIRECT would reject the memory.
+func (q *queue) load(s *slot) error {
 	r := &s.req
 	if q.aligned(r.Bufs) {
 		n := 0
@@ -213,25 +227,20 @@ func (q *queue) prepRW(idx uint32, s *slot) {
 			}
 		}
 		s.n = n
-	} else {
-		// O_DIRECT would reject this memory: go through an aligned,
-		// mmap'd buffer instead.
-		if err := q.bounceFor(s); err != nil {
-			s.err = q.reqErr(s, err)
-			s.nop = true
-			q.sqe().PrepNop(uint64(idx))
-			return
-		}
-		if r.Op == storage.OpWrite {
-			off := 0
-			for _, b := range r.Bufs {
-				off += copy(s.bounce[off:], b)
-			}
-		}
-		s.iov[0] = uring.Iovec{Base: uring.Addr(s.bounce), Len: s.total}
-		s.n = 1
+		return nil
 	}
-	q.prepIO(idx, s)
+	if err := q.bounceFor(s); err != nil {
+		return err
+	}
+	if r.Op == storage.OpWrite {
+		off := 0
+		for _, b := range r.Bufs {
+			off += copy(s.bounce[off:], b)
+		}
+	}
+	s.iov[0] = uring.Iovec{Base: uring.Addr(s.bounce), Len: s.total}
+	s.n = 1
+	return nil
 }
 
 // prepIO (re)submits the remaining part of a read or write.
@@ -239,7 +248,14 @@ func (q *queue) prepIO(idx uint32, s *slot) {
 	e := q.sqe()
 	iov := s.iov[s.first:s.n]
 	off := s.req.Offset + s.done
-	if s.req.Op == storage.OpRead {
+	if len(iov) == 1 && iov[0].Len <= 1<<30 {
+		// One segment: plain READ/WRITE spares the kernel the iovec import.
+		op := uring.OpRead
+		if s.req.Op == storage.OpWrite {
+			op = uring.OpWrite
+		}
+		*e = uring.SQE{Opcode: op, Fd: fileIndex, Off: off, Addr: iov[0].Base, Len: uint32(iov[0].Len), UserData: uint64(idx)}
+	} else if s.req.Op == storage.OpRead {
 		e.PrepReadv(fileIndex, iov, off, uint64(idx))
 	} else {
 		e.PrepWritev(fileIndex, iov, off, uint64(idx))
@@ -288,10 +304,14 @@ func (q *queue) bounceFor(s *slot) error {
 	return nil
 }
 
+// fallocMode picks the fallocate mode for a discard or write-zeroes, or 0
+// for the block device's discard command.
 func (q *queue) fallocMode(r *storage.Request) uint32 {
 	const punch = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
 	const zero = unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE
 	switch {
+	case r.Op == storage.OpDiscard && q.v.blkDiscard && !q.noBlkDiscard:
+		return 0
 	case r.Op == storage.OpDiscard:
 		return punch
 	case r.Unmap && q.v.punch:
@@ -305,7 +325,11 @@ func (q *queue) fallocMode(r *storage.Request) uint32 {
 
 func (q *queue) prepFallocate(idx uint32, s *slot) {
 	e := q.sqe()
-	e.PrepFallocate(fileIndex, s.mode, s.req.Offset, s.req.Length, uint64(idx))
+	if s.mode == 0 {
+		e.PrepBlockDiscard(fileIndex, s.req.Offset, s.req.Length, uint64(idx))
+	} else {
+		e.PrepFallocate(fileIndex, s.mode, s.req.Offset, s.req.Length, uint64(idx))
+	}
 	e.SetFlags(uring.SQEFixedFile)
 }
 
@@ -378,6 +402,11 @@ func (q *queue) result(idx uint32, s *slot, res int32) bool {
 				q.resubmit(idx, s)
 				return false
 			}
+		case errno == unix.EOPNOTSUPP && s.req.Op == storage.OpDiscard && s.mode == 0 && q.v.punch:
+			q.noBlkDiscard = true
+			s.mode = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+			q.prepFallocate(idx, s)
+			return false
 		case errno == unix.EOPNOTSUPP && s.mode&unix.FALLOC_FL_ZERO_RANGE != 0 && !q.v.isBlock && q.v.punch:
 			q.noZeroRange = true
 			s.mode = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE

@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/virtblk/virtblk/storage"
+	"github.com/virtblk/virtblk/storage/uring"
 )
 
 // Options configure Open.
@@ -47,7 +48,10 @@ type Volume struct {
 	ioAlign  uint32
 	// punch: FALLOC_FL_PUNCH_HOLE works on this file or device.
 	punch bool
-	log   *slog.Logger
+	// blkDiscard: the device discards and the kernel takes asynchronous
+	// discard commands (BLOCK_URING_CMD_DISCARD, Linux 6.12+).
+	blkDiscard bool
+	log        *slog.Logger
 
 	bounces atomic.Uint64
 
@@ -86,7 +90,7 @@ func Open(path string, opt Options) (*Volume, error) {
 		return nil, err
 	}
 	log.Info("raw volume opened", "path", path, "size", v.size, "block_size", v.BlockSize(),
-		"mem_align", v.memAlign, "block_device", v.isBlock, "read_only", v.readOnly,
+		"mem_align", v.memAlign, "block_device", v.isBlock, "read_only", v.readOnly, "async_discard", v.blkDiscard,
 		"discard", v.CanDiscard(), "write_zeroes", v.CanWriteZeroes())
 	return v, nil
 }
@@ -146,6 +150,7 @@ func (v *Volume) probe() error {
 		// never falls back to writing zeroes: it works only where the
 		// device has a write-zeroes command.
 		v.punch = !v.readOnly && sysfsU64(st.Rdev_major, st.Rdev_minor, "queue/write_zeroes_max_bytes") > 0
+		v.blkDiscard = !v.readOnly && sysfsU64(st.Rdev_major, st.Rdev_minor, "queue/discard_max_bytes") > 0 && probeBlockDiscard(v.fd)
 	default:
 		return fmt.Errorf("open %s: not a regular file or block device (mode %#o); pass a raw image file or a block device", v.path, st.Mode)
 	}
@@ -158,6 +163,23 @@ func (v *Volume) probe() error {
 			"path", v.path, "size", rawSize, "block_size", v.ioAlign, "usable", v.size)
 	}
 	return nil
+}
+
+// probeBlockDiscard asks the kernel for a zero-length discard command: a
+// kernel that knows the command rejects the length (EINVAL), an older one
+// the command (EOPNOTSUPP). Nothing is discarded either way.
+func probeBlockDiscard(fd int) bool {
+	r, err := uring.New(1, uring.Options{})
+	if err != nil {
+		return false
+	}
+	defer r.Close()
+	r.GetSQE().PrepBlockDiscard(fd, 0, 0, 0)
+	var c [1]uring.CQE
+	if n, err := r.Wait(c[:], 1); err != nil || n != 1 {
+		return false
+	}
+	return c[0].Res == -int32(unix.EINVAL)
 }
 
 func ioctlU64(fd int, req uint) (uint64, error) {
@@ -198,8 +220,9 @@ func (v *Volume) BlockSize() uint32 { return max(v.ioAlign, storage.SectorSize) 
 // ReadOnly reports whether the volume was opened read-only.
 func (v *Volume) ReadOnly() bool { return v.readOnly }
 
-// CanDiscard reports whether Discard deallocates (punch hole).
-func (v *Volume) CanDiscard() bool { return !v.readOnly && v.punch }
+// CanDiscard reports whether Discard is offered: punch hole on a file, an
+// asynchronous discard command or a punch hole on a block device.
+func (v *Volume) CanDiscard() bool { return !v.readOnly && (v.punch || v.blkDiscard) }
 
 // CanWriteZeroes reports whether WriteZeroes is offered. Files need punch
 // hole support (the fallback when zero-range is missing); block devices

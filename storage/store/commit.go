@@ -21,6 +21,8 @@ type committer struct {
 	sb      superblock
 
 	durableSeq atomic.Uint64
+	// forceCkpt makes the next commit take a checkpoint (tests, benchmarks).
+	forceCkpt atomic.Bool
 }
 
 // capturedVol is a volume's state frozen at a cut for a checkpoint.
@@ -164,7 +166,7 @@ func (s *Store) commit(w []func(error)) {
 		return
 	}
 	n := uint64(s.geo.JournalSlots)
-	capture := s.c.nextSeq-1-s.c.sb.Current.Seq >= n/4 || s.journalRoom() < n/2
+	capture := s.c.nextSeq-1-s.c.sb.Current.Seq >= n/4 || s.journalRoom() < n/2 || s.c.forceCkpt.Swap(false)
 	cut := s.cut(capture)
 	if len(cut.recs) == 0 && !capture {
 		s.retire(cut.frees)
@@ -356,23 +358,33 @@ func (s *Store) writeCheckpoint(cut cutResult, flags uint8, done func(error)) {
 	})
 }
 
+// writeSuperblock writes the copies one after another, so a crash can tear
+// at most the one copy in flight, then flushes. Copies written before it
+// are new, the ones after it old, and either the new or the old sequence
+// keeps its open quorum (see docs/on-disk-format.md).
 func (s *Store) writeSuperblock(sb superblock, done func(error)) {
-	all(superCopies, func(i int, d func(error)) {
+	var write func(i int)
+	write = func(i int) {
+		if i == superCopies {
+			s.disk.Flush(func(err error) {
+				if err != nil {
+					err = fmt.Errorf("flush superblock: %w", err)
+				}
+				done(err)
+			})
+			return
+		}
 		c := sb
 		c.Copy = uint16(i)
 		b := alignedBuf(blockSize)
 		copy(b, c.encode())
-		s.disk.Write(uint64(i)*blockSize, b, d)
-	}, func(err error) {
-		if err != nil {
-			done(fmt.Errorf("write superblock: %w", err))
-			return
-		}
-		s.disk.Flush(func(err error) {
+		s.disk.Write(uint64(i)*blockSize, b, func(err error) {
 			if err != nil {
-				err = fmt.Errorf("flush superblock: %w", err)
+				done(fmt.Errorf("write superblock copy %d: %w", i, err))
+				return
 			}
-			done(err)
+			write(i + 1)
 		})
-	})
+	}
+	write(0)
 }

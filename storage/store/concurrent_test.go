@@ -11,13 +11,20 @@ import (
 	"github.com/virtblk/virtblk/storage"
 )
 
-func openFileStore(t testing.TB, size uint64) (*Store, *FileDisk, string) {
+type diskOpener func(path string) (DiskCloser, error)
+
+var diskOpeners = map[string]diskOpener{
+	"uring": func(p string) (DiskCloser, error) { return OpenUringDisk(p) },
+	"file":  func(p string) (DiskCloser, error) { return OpenFileDisk(p) },
+}
+
+func openFileStore(t testing.TB, size uint64, open diskOpener) (*Store, DiskCloser, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "store")
 	if err := CreateFile(path, size); err != nil {
 		t.Fatal(err)
 	}
-	d, err := OpenFileDisk(path)
+	d, err := open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,7 +43,13 @@ func openFileStore(t testing.TB, size uint64) (*Store, *FileDisk, string) {
 // checks, all queues also write one shared block, and snapshots are taken
 // meanwhile. After reopening, everything flushed is there.
 func TestConcurrentQueues(t *testing.T) {
-	s, d, path := openFileStore(t, 64<<20)
+	for name, open := range diskOpeners {
+		t.Run(name, func(t *testing.T) { testConcurrentQueues(t, open) })
+	}
+}
+
+func testConcurrentQueues(t *testing.T, open diskOpener) {
+	s, d, path := openFileStore(t, 64<<20, open)
 	const queues, perQueue, rounds = 4, 64, 12
 	if err := s.CreateVolume("v", queues*perQueue*blockSize+blockSize); err != nil {
 		t.Fatal(err)
@@ -80,7 +93,7 @@ func TestConcurrentQueues(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.Close()
-	d2, err := OpenFileDisk(path)
+	d2, err := open(path)
 	if err != nil {
 		t.Fatal(err)
 	}

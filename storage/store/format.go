@@ -69,8 +69,8 @@ func dataCRC(pblock uint32, data []byte) uint32 {
 }
 
 func makeEntry(pblock, crc uint32) uint64 { return uint64(pblock)<<32 | uint64(crc) }
-func entryBlock(e uint64) uint32         { return uint32(e >> 32) }
-func entryCRC(e uint64) uint32           { return uint32(e) }
+func entryBlock(e uint64) uint32          { return uint32(e >> 32) }
+func entryCRC(e uint64) uint32            { return uint32(e) }
 
 // Geometry is where each zone lives. All offsets are multiples of blockSize.
 type Geometry struct {

@@ -16,7 +16,7 @@ import (
 
 var (
 	flagSeed  = flag.Uint64("seed", 0, "run only this simulator seed (TestSim)")
-	flagSeeds = flag.Int("seeds", 48, "number of simulator seeds TestSim runs")
+	flagSeeds = flag.Int("seeds", 120, "number of simulator seeds TestSim runs (a sixth of them under -race, 10 with -short)")
 	flagSoak  = flag.Duration("soak", 0, "run random simulator seeds for this long (local soak)")
 )
 
@@ -38,8 +38,14 @@ func TestSim(t *testing.T) {
 		}
 	default:
 		n := *flagSeeds
+		if raceEnabled {
+			// The race detector slows the single-goroutine simulation
+			// about tenfold and finds nothing in it; the concurrent tests
+			// are what -race is for.
+			n = max(1, n/6)
+		}
 		if testing.Short() {
-			n = 8
+			n = min(n, 10)
 		}
 		for seed := uint64(1); seed <= uint64(n); seed++ {
 			runSeed(t, seed, 3000)

@@ -96,12 +96,12 @@ func (vt *volTable) clone() *volTable {
 
 // Stats are counters since Open.
 type Stats struct {
-	Reads, Writes, Flushes    uint64
-	ChecksumErrors, IOErrors  uint64
-	Commits, Checkpoints      uint64
-	JournalSeq                uint64
-	DataBlocks, UsedBlocks    uint64
-	Leaves                    int64
+	Reads, Writes, Flushes   uint64
+	ChecksumErrors, IOErrors uint64
+	Commits, Checkpoints     uint64
+	JournalSeq               uint64
+	DataBlocks, UsedBlocks   uint64
+	Leaves                   int64
 }
 
 type paddedCounter struct {

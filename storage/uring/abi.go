@@ -18,7 +18,12 @@ const (
 	OpFallocate  uint8 = 17
 	OpRead       uint8 = 22
 	OpWrite      uint8 = 23
+	OpUringCmd   uint8 = 46
 )
+
+// BlockCmdDiscard is BLOCK_URING_CMD_DISCARD (_IO(0x12, 0)), an
+// asynchronous discard on a block device through OpUringCmd (Linux 6.12+).
+const BlockCmdDiscard uint32 = 0x12<<8 | 0
 
 // SQE flags (IOSQE_*).
 const (

@@ -43,9 +43,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrSQFull is returned when a batch does not fit in the submission queue.
-var ErrSQFull = errors.New("io_uring submission queue full")
-
 // Options tune New.
 type Options struct {
 	// CQEntries sets the completion queue size (rounded up to a power of
@@ -373,8 +370,9 @@ func (r *Ring) peekRing(out []CQE) int {
 }
 
 // Wait copies completions into out like Peek, first blocking until at
-// least min are available (min is capped at len(out)). It also submits
-// any prepared SQEs.
+// least minN are available (minN is capped at len(out)). It also submits
+// any prepared SQEs. Like io_uring_enter it blocks for good if fewer than
+// minN operations are in flight; callers track that themselves.
 func (r *Ring) Wait(out []CQE, minN int) (int, error) {
 	minN = max(0, min(minN, len(out)))
 	n := r.Peek(out)

@@ -378,8 +378,10 @@ func TestErrorResults(t *testing.T) {
 	}
 	defer f.Close()
 	must(t, r.GetSQE()).PrepRead(int(f.Fd()), buf, 0, 3)
-	want := map[uint64]int32{1: -int32(unix.EBADF), 2: -int32(unix.EINVAL), 3: -int32(unix.EBADF)}
-	for _, c := range run(t, r, 3) {
+	// A block-device command on a regular file.
+	must(t, r.GetSQE()).PrepBlockDiscard(int(f.Fd()), 0, 4096, 4)
+	want := map[uint64]int32{1: -int32(unix.EBADF), 2: -int32(unix.EINVAL), 3: -int32(unix.EBADF), 4: -int32(unix.EOPNOTSUPP)}
+	for _, c := range run(t, r, 4) {
 		if w, ok := want[c.UserData]; !ok || c.Res != w {
 			t.Errorf("cqe %+v, want res %d", c, w)
 		}
@@ -616,5 +618,70 @@ func TestMmapAndSlab(t *testing.T) {
 	}
 	if _, err := NewSlab(0, 1); err == nil {
 		t.Error("NewSlab(0, 1) succeeded")
+	}
+}
+
+// TestBacklogOrder exercises the path taken when the kernel refuses a
+// submit with EBUSY: visible CQEs move to the backlog, and Peek must still
+// return everything in kernel order.
+func TestBacklogOrder(t *testing.T) {
+	r := newRing(t, 8, Options{})
+	for i := 0; i < 8; i++ {
+		must(t, r.GetSQE()).PrepNop(uint64(i))
+	}
+	if _, err := r.Submit(); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.drainToBacklog(); n != 8 {
+		t.Fatalf("drainToBacklog moved %d, want 8", n)
+	}
+	for i := 8; i < 12; i++ {
+		must(t, r.GetSQE()).PrepNop(uint64(i))
+	}
+	out := make([]CQE, 5)
+	got := []uint64{}
+	for len(got) < 12 {
+		n, err := r.Wait(out, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range out[:n] {
+			got = append(got, c.UserData)
+		}
+	}
+	for i, ud := range got {
+		if ud != uint64(i) {
+			t.Fatalf("completion %d has user data %d; want backlog first, in order", i, ud)
+		}
+	}
+}
+
+// TestSeparateCQMapping maps the CQ ring on its own, the layout for
+// kernels without IORING_FEAT_SINGLE_MMAP (the kernel still accepts it).
+func TestSeparateCQMapping(t *testing.T) {
+	var p params
+	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, 8, uintptr(unsafe.Pointer(&p)), 0)
+	if errno != 0 {
+		t.Fatal(errno)
+	}
+	p.features &^= FeatSingleMmap
+	r := &Ring{fd: int(fd), features: p.features}
+	if err := r.mapRings(&p); err != nil {
+		r.Close()
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if r.cqMem == nil {
+		t.Fatal("CQ ring was not mapped separately")
+	}
+	for round := 0; round < 5; round++ { // wrap both rings
+		for i := 0; i < 8; i++ {
+			must(t, r.GetSQE()).PrepNop(uint64(round*8 + i))
+		}
+		for i, c := range run(t, r, 8) {
+			if c.UserData != uint64(round*8+i) {
+				t.Fatalf("round %d: completion %d has user data %d", round, i, c.UserData)
+			}
+		}
 	}
 }

@@ -2,6 +2,8 @@
 
 package uring
 
+import "unsafe"
+
 // Prep helpers fill every field of an SQE, so a recycled entry carries no
 // stale state into the next operation. Addresses must point at memory the
 // Go runtime does not manage (see the package doc).
@@ -55,6 +57,16 @@ func (s *SQE) PrepFsync(fd int, flags uint32, userData uint64) {
 // length in Addr and the mode in Len.
 func (s *SQE) PrepFallocate(fd int, mode uint32, off, length uint64, userData uint64) {
 	*s = SQE{Opcode: OpFallocate, Fd: int32(fd), Off: off, Addr: length, Len: mode, UserData: userData}
+}
+
+// PrepBlockDiscard discards length bytes at off on a block device opened
+// for writing (BLOCK_URING_CMD_DISCARD; the kernel ABI puts the command in
+// the offset field, the start in Addr and the length in Addr3). Kernels
+// before 6.12 complete it with -EOPNOTSUPP.
+func (s *SQE) PrepBlockDiscard(fd int, off, length uint64, userData uint64) {
+	*s = SQE{Opcode: OpUringCmd, Fd: int32(fd), Addr: off, Addr3: length, UserData: userData}
+	// cmd_op is the first 32-bit half of the offset field in memory order.
+	*(*uint32)(unsafe.Pointer(&s.Off)) = BlockCmdDiscard
 }
 
 // SetFlags sets IOSQE_* flags (e.g. SQEFixedFile when fd is an index into

@@ -19,14 +19,20 @@ type Volume struct {
 	data    []byte
 	ro      bool
 	flushes int
-	// FailAt makes any request touching this byte offset fail with
-	// storage.ErrIO (when >= 0).
-	FailAt int64
+	failAt  int64
+}
+
+// SetFailAt makes any request touching byte offset off fail with
+// storage.ErrIO (off < 0 turns this off).
+func (v *Volume) SetFailAt(off int64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.failAt = off
 }
 
 // New returns a zeroed volume of size bytes.
 func New(size uint64, readOnly bool) *Volume {
-	return &Volume{data: make([]byte, size), ro: readOnly, FailAt: -1}
+	return &Volume{data: make([]byte, size), ro: readOnly, failAt: -1}
 }
 
 func (v *Volume) Size() uint64         { return uint64(len(v.data)) }
@@ -122,7 +128,7 @@ func (v *Volume) do(r *storage.Request) error {
 		if r.Offset > uint64(len(v.data)) || length > uint64(len(v.data))-r.Offset {
 			return storage.ErrRange
 		}
-		if v.FailAt >= 0 && uint64(v.FailAt) >= r.Offset && uint64(v.FailAt) < r.Offset+length {
+		if v.failAt >= 0 && uint64(v.failAt) >= r.Offset && uint64(v.failAt) < r.Offset+length {
 			return storage.ErrIO
 		}
 	}

@@ -23,7 +23,7 @@ func repoRoot(t testing.TB) string {
 	if !ok {
 		t.Fatal("hooktest: cannot locate source file")
 	}
-	return filepath.Join(filepath.Dir(file), "..", "..", "..")
+	return filepath.Join(filepath.Dir(file), "..", "..")
 }
 
 // Domain returns domainxml/testdata/<name>.xml, a KubeVirt-generated domain.
