@@ -616,8 +616,9 @@ func (st *connState) remMemReg(m *wire.Message) error {
 
 func (st *connState) getInflight(m *wire.Message) (*reply, error) {
 	d, _ := wire.DecodeInflight(m.Payload)
-	if d.NumQueues == 0 || d.QueueSize == 0 || d.NumQueues > 256 || d.QueueSize > virtq.MaxSize {
-		return nil, fmt.Errorf("GET_INFLIGHT_FD for %d queues of size %d: out of range", d.NumQueues, d.QueueSize)
+	be := st.s.be
+	if d.NumQueues == 0 || d.QueueSize == 0 || d.NumQueues > be.NumQueues() || d.QueueSize > be.QueueSize() {
+		return nil, fmt.Errorf("GET_INFLIGHT_FD for %d queues of size %d: the device has %d queues of up to %d", d.NumQueues, d.QueueSize, be.NumQueues(), be.QueueSize())
 	}
 	size := inflight.RegionSize(d.NumQueues, d.QueueSize)
 	fd, err := unix.MemfdCreate("vhost-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)

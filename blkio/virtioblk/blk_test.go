@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -29,6 +30,7 @@ type rig struct {
 	done   chan struct{}
 	region []byte
 	inf    *inflight.Queue
+	poll   time.Duration
 }
 
 func efd(t *testing.T) int {
@@ -79,7 +81,7 @@ func (r *rig) start(resubmit []uint16) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := r.dev.NewWorker(virtioblk.WorkerConfig{Queue: q, Volume: vq, KickFD: r.kick, CallFD: r.call, ErrFD: r.errfd, Inflight: r.inf, Resubmit: resubmit})
+	w, err := r.dev.NewWorker(virtioblk.WorkerConfig{Queue: q, Volume: vq, KickFD: r.kick, CallFD: r.call, ErrFD: r.errfd, Inflight: r.inf, Resubmit: resubmit, PollDuration: r.poll})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -527,4 +529,24 @@ func FuzzRequest(f *testing.F) {
 			}
 		}
 	})
+}
+
+// With busy-polling the worker serves requests the same way (it finds them
+// by polling instead of a kick).
+func TestBusyPoll(t *testing.T) {
+	vol := memvol.New(1<<20, false)
+	r := newRig(t, vol, virtioblk.Options{})
+	r.stop()
+	r.poll = 200 * time.Microsecond
+	r.start(nil)
+	for i := 0; i < 20; i++ {
+		p := pattern(4096, byte(i))
+		if q := r.do(virtioblk.TOut, uint64(8*i), p, false); q.status[0] != virtioblk.SOK {
+			t.Fatalf("write %d status %d", i, q.status[0])
+		}
+		got := r.do(virtioblk.TIn, uint64(8*i), make([]byte, 4096), true)
+		if !bytes.Equal(got.data, p) {
+			t.Fatalf("read %d differs", i)
+		}
+	}
 }
