@@ -2,7 +2,6 @@ package domainxml
 
 import (
 	"fmt"
-	"sort"
 	"strconv"
 	"strings"
 )
@@ -20,7 +19,9 @@ func ParseCPUSet(s string) ([]uint, error) {
 	if s == "" {
 		return nil, fmt.Errorf("cpuset %q: empty; use a list like \"2-5\" or \"0,2,4-6\"", s)
 	}
-	set := map[uint]bool{}
+	// A fixed bitmap, not a map: repeated wide ranges cost one pass over
+	// 16384 bits each at worst, never a map insert per CPU.
+	var set [maxCPU + 1]bool
 	var excl []uint
 	for _, item := range strings.Split(s, ",") {
 		if item == "" {
@@ -54,16 +55,17 @@ func ParseCPUSet(s string) ([]uint, error) {
 		}
 	}
 	for _, c := range excl {
-		delete(set, c)
+		set[c] = false
 	}
-	if len(set) == 0 {
+	var out []uint
+	for c, on := range set {
+		if on {
+			out = append(out, uint(c))
+		}
+	}
+	if len(out) == 0 {
 		return nil, fmt.Errorf("cpuset %q selects no CPU", s)
 	}
-	out := make([]uint, 0, len(set))
-	for c := range set {
-		out = append(out, c)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
 	return out, nil
 }
 

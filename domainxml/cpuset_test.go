@@ -71,3 +71,15 @@ func FuzzParseCPUSet(f *testing.F) {
 		}
 	})
 }
+
+// A hostile annotation of many full-width ranges must parse in bounded time.
+func TestParseCPUSetManyWideRanges(t *testing.T) {
+	s := strings.Repeat("0-16383,", 2000) + "1"
+	got, err := ParseCPUSet(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != maxCPU+1 {
+		t.Fatalf("got %d CPUs, want %d", len(got), maxCPU+1)
+	}
+}
