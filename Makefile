@@ -5,8 +5,13 @@ export PATH := $(PATH):/usr/local/go/bin
 
 .PHONY: demo test deps build vet fuzz bench image
 
+# Host packages, then the cached test fixtures: the tiny guest (kernel +
+# initramfs) and the Debian trixie root with QEMU 10 / libvirt 11. Each step
+# is a no-op when its cache is current.
 deps:
 	hack/install-deps.sh
+	hack/guest-image.sh
+	hack/trixie-root.sh
 
 # The main job: a demo on an embedded default, no cluster needed.
 demo: deps

@@ -23,11 +23,11 @@ die() { echo "guest-image.sh: $*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (mknod, apt-get download)"
 for t in apt-get dpkg-deb cpio xz modinfo ldd; do
-	command -v "$t" >/dev/null || die "$t missing: run hack/host-deps.sh"
+	command -v "$t" >/dev/null || die "$t missing: run hack/install-deps.sh"
 done
 [[ -x /bin/busybox && $'\n'$(/bin/busybox --list)$'\n' == *$'\n'insmod$'\n'* ]] ||
-	die "/bin/busybox (static) missing: apt-get install busybox-static (hack/host-deps.sh)"
-command -v fio >/dev/null || die "fio missing: apt-get install fio (hack/host-deps.sh)"
+	die "/bin/busybox (static) missing: apt-get install busybox-static (hack/install-deps.sh)"
+command -v fio >/dev/null || die "fio missing: apt-get install fio (hack/install-deps.sh)"
 [[ $(ldd /bin/busybox 2>&1 || true) == *'not a dynamic'* ]] || die "/bin/busybox is dynamic; install busybox-static"
 
 mkdir -p "$OUT"

@@ -46,7 +46,7 @@ flock 9
 if [[ -f $STAMP && $(cat "$STAMP") == "$STAMP_CONTENT" ]]; then
 	exit 0
 fi
-command -v debootstrap >/dev/null || die "debootstrap missing: run hack/host-deps.sh (apt-get install debootstrap)"
+command -v debootstrap >/dev/null || die "debootstrap missing: run hack/install-deps.sh (apt-get install debootstrap)"
 
 # in_root runs a command in the root inside a private mount namespace: the
 # /proc, /sys and /dev mounts vanish with it, even if this script is killed.

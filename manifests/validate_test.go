@@ -435,7 +435,8 @@ func checkVMI(ann map[string]string, spec *kvv1.VirtualMachineInstanceSpec, peer
 		if !volumes[d.Name] {
 			fail("disk %q has no volume of the same name", d.Name)
 		}
-		if d.Disk != nil && d.Disk.Bus == kvv1.DiskBusVirtio {
+		// An empty bus is virtio: KubeVirt's default.
+		if d.Disk != nil && (d.Disk.Bus == kvv1.DiskBusVirtio || d.Disk.Bus == "") {
 			virtio[d.Name] = true
 		}
 	}
@@ -532,7 +533,7 @@ func checkVMI(ann map[string]string, spec *kvv1.VirtualMachineInstanceSpec, peer
 		}
 		key := strings.TrimPrefix(k, virtblkPrefix)
 		switch key {
-		case "iothreads", "disks", "queues", "iothread-cpuset", "serve", "store", "metrics-port":
+		case "iothreads", "disks", "queues", "iothread-cpuset", "iothread-poll", "serve", "store", "metrics-port":
 			continue
 		}
 		disk, ok := strings.CutPrefix(key, "queue-map.")

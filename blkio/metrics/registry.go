@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Registry holds the volumes a process serves. Adding and removing volumes
@@ -14,6 +15,8 @@ import (
 type Registry struct {
 	mu   sync.Mutex
 	vols map[string]*VolumeStats // by escaped label, so two names that escape alike collide here and not in the output
+	// lastLen sizes the next scrape's buffer so it rarely grows.
+	lastLen atomic.Int64
 }
 
 // NewRegistry returns an empty registry.
@@ -114,7 +117,7 @@ func (r *Registry) WriteText(w io.Writer) error {
 		}
 	}
 	var e textEnc
-	e.buf = make([]byte, 0, 4096)
+	e.buf = make([]byte, 0, max(4096, r.lastLen.Load()*9/8))
 
 	e.header(nameInfo, "gauge", "Always 1; labels name each served volume and its vhost-user socket.")
 	for _, v := range vols {
@@ -177,6 +180,7 @@ func (r *Registry) WriteText(w io.Writer) error {
 	e.volumeFunc(vols, nameCapacity, "gauge", "Size of the volume as the guest sees it, in bytes.",
 		func(v *VolumeStats) func() uint64 { return v.capacity })
 
+	r.lastLen.Store(int64(len(e.buf)))
 	_, err := w.Write(e.buf)
 	return err
 }

@@ -226,7 +226,7 @@ func serve(t *testing.T, vol *memvol.Volume) *rig {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &rig{sock: sock, vol: vol, cancel: cancel, done: make(chan error, 1)}
-	srv := vhostuser.NewServer(vhostblk.New(dev), vhostuser.Options{})
+	srv := vhostuser.NewServer(vhostblk.New(dev), vhostuser.Options{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	go func() { r.done <- srv.Serve(ctx, ln) }()
 	t.Cleanup(func() {
 		cancel()

@@ -3,6 +3,8 @@ package virtioblk_test
 import (
 	"bytes"
 	"encoding/binary"
+	"io"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -18,7 +20,7 @@ import (
 const qsize = 16
 
 type rig struct {
-	t      *testing.T
+	t      testing.TB
 	g      *vt.Guest
 	d      *vt.Driver
 	vol    *memvol.Volume
@@ -33,7 +35,7 @@ type rig struct {
 	poll   time.Duration
 }
 
-func efd(t *testing.T) int {
+func efd(t testing.TB) int {
 	fd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		t.Fatal(err)
@@ -43,6 +45,10 @@ func efd(t *testing.T) int {
 }
 
 func newRig(t *testing.T, vol *memvol.Volume, opts virtioblk.Options) *rig {
+	return newRigTB(t, vol, opts)
+}
+
+func newRigTB(t testing.TB, vol *memvol.Volume, opts virtioblk.Options) *rig {
 	g, err := vt.NewGuest(4 << 20)
 	if err != nil {
 		t.Fatal(err)
@@ -81,7 +87,7 @@ func (r *rig) start(resubmit []uint16) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := r.dev.NewWorker(virtioblk.WorkerConfig{Queue: q, Volume: vq, KickFD: r.kick, CallFD: r.call, ErrFD: r.errfd, Inflight: r.inf, Resubmit: resubmit, PollDuration: r.poll})
+	w, err := r.dev.NewWorker(virtioblk.WorkerConfig{Queue: q, Volume: vq, KickFD: r.kick, CallFD: r.call, ErrFD: r.errfd, Inflight: r.inf, Resubmit: resubmit, PollDuration: r.poll, Log: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,6 +106,11 @@ func (r *rig) stop() {
 	r.w.Stop()
 	<-r.done
 }
+
+// quiet drops worker logs (the tests check behaviour, not log lines).
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+func writeFD(fd int, b []byte) { unix.Write(fd, b) }
 
 func signal(fd int) {
 	var b [8]byte

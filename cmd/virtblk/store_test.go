@@ -119,8 +119,10 @@ func TestStoreCLI(t *testing.T) {
 		t.Fatalf("snapshot list:\n%s", snaps)
 	}
 
-	// The imported data reads back through the store.
+	// The imported data reads back through the store, and the store is
+	// locked against a second opener meanwhile.
 	s := openCLIStore(t, st)
+	fails(1, "open in another process", "volume", "list", "--store", st)
 	v, err := s.Volume("vm2")
 	if err != nil {
 		t.Fatal(err)
@@ -172,9 +174,14 @@ func TestStoreCLI(t *testing.T) {
 	fails(1, "no superblock quorum", "volume", "list", "--store", st)
 }
 
-func openCLIStore(t *testing.T, path string) *store.Store {
+type cliStore struct {
+	*store.Store
+	d store.DiskCloser
+}
+
+func openCLIStore(t *testing.T, path string) cliStore {
 	t.Helper()
-	d, err := store.OpenFileDisk(path)
+	d, _, err := store.OpenDisk(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,13 +189,15 @@ func openCLIStore(t *testing.T, path string) *store.Store {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { d.Close() })
-	return s
+	return cliStore{s, d}
 }
 
-func closeCLIStore(t *testing.T, s *store.Store) {
+func closeCLIStore(t *testing.T, s cliStore) {
 	t.Helper()
 	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.d.Close(); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -2,9 +2,10 @@
 // against the raw io_uring ceiling, on one preallocated image, in one run:
 // virtblkd, qemu-storage-daemon's vhost-user-blk export (aio=io_uring,
 // cache.direct=on) and io_uring O_DIRECT on the file with no device in
-// between. Rounds alternate the order of the targets because two runs of the
-// same back-end on a shared VM differ by up to ~10%; the report uses the
-// median of the rounds. hack/bench-vhost-user.sh builds and runs it.
+// between. Each job runs on every target back to back, in an order that
+// rotates between rounds, because the load of a shared VM drifts; the report
+// gives medians over rounds and per-round ratios. hack/bench-vhost-user.sh
+// builds and runs it.
 package main
 
 import (
@@ -62,8 +63,8 @@ func run() error {
 	var (
 		image    = flag.String("image", "/var/tmp/virtblk-bench.img", "benchmark image (created and fully written if missing or of another size)")
 		sizeGiB  = flag.Int("size-gib", 2, "image size in GiB")
-		rounds   = flag.Int("rounds", 2, "rounds; each runs every job on every target, in alternating order")
-		runtime  = flag.Duration("runtime", 10*time.Second, "duration of each job")
+		rounds   = flag.Int("rounds", 3, "rounds; each runs every job on every target, in rotating order")
+		runtime  = flag.Duration("runtime", 6*time.Second, "duration of each job on each target")
 		virtblkd = flag.String("virtblkd", "", "virtblkd binary (empty: skip virtblkd)")
 		qsd      = flag.String("qsd", "qemu-storage-daemon", "qemu-storage-daemon binary (empty: skip qsd)")
 		queues   = flag.Int("queues", 2, "queues each back-end is started with")
@@ -115,21 +116,19 @@ func run() error {
 		results[j.name] = map[string][]*bench.Result{}
 	}
 	started := time.Now()
+	// The machine is shared and its load drifts within minutes, so each job
+	// runs on all targets back to back (one comparison spans seconds, not
+	// the whole run), in an order that rotates from round to round and job
+	// to job; each back-end is started fresh for each job.
 	for r := 0; r < *rounds; r++ {
-		order := append([]string(nil), targets...)
-		if r%2 == 1 {
-			for i, k := 0, len(order)-1; i < k; i, k = i+1, k-1 {
-				order[i], order[k] = order[k], order[i]
-			}
-		}
-		for _, tgt := range order {
-			log.Info("round", "round", r+1, "target", tgt)
-			rs, err := runTarget(ctx, tgt, js, *image, dir, *queues, *virtblkd, *qsd, log)
-			if err != nil {
-				return fmt.Errorf("round %d, %s: %w", r+1, tgt, err)
-			}
-			for i, j := range js {
-				results[j.name][tgt] = append(results[j.name][tgt], rs[i])
+		for ji, j := range js {
+			for k := range targets {
+				tgt := targets[(k+r+ji)%len(targets)]
+				res, err := runJob(ctx, tgt, j, *image, dir, *queues, *virtblkd, *qsd, log)
+				if err != nil {
+					return fmt.Errorf("round %d, %s, %s: %w", r+1, tgt, j.name, err)
+				}
+				results[j.name][tgt] = append(results[j.name][tgt], res)
 			}
 		}
 	}
@@ -139,15 +138,16 @@ func run() error {
 	return report(os.Stdout, js, targets, results)
 }
 
-// runTarget starts the back-end (if any) and runs every job against it.
-func runTarget(ctx context.Context, tgt string, js []jobSpec, image, dir string, queues int, virtblkd, qsd string, log *slog.Logger) ([]*bench.Result, error) {
+// runJob starts the back-end (if any), runs one job against it and stops it.
+func runJob(ctx context.Context, tgt string, j jobSpec, image, dir string, queues int, virtblkd, qsd string, log *slog.Logger) (*bench.Result, error) {
 	var (
-		sock string
-		pid  int
+		t     bench.Target
+		close func() error
+		pid   = os.Getpid()
 	)
 	switch tgt {
 	case tVirtblkd, tQSD:
-		sock = filepath.Join(dir, tgt+".sock")
+		sock := filepath.Join(dir, tgt+".sock")
 		os.Remove(sock)
 		var args []string
 		bin := virtblkd
@@ -167,37 +167,27 @@ func runTarget(ctx context.Context, tgt string, js []jobSpec, image, dir string,
 		}
 		defer p.stop(log)
 		pid = p.cmd.Process.Pid
-	}
-	var out []*bench.Result
-	for _, j := range js {
-		var (
-			t     bench.Target
-			close func() error
-			err   error
-		)
-		if sock != "" {
-			var vt *bench.VhostUser
-			vt, err = bench.DialVhostUser(ctx, sock, j.queues, j.job.QueueDepth, j.job.BlockSize)
-			t, close = vt, func() error { return vt.Close() }
-		} else {
-			t, close, err = openRaw(image, j.queues, j.job.QueueDepth, j.job.BlockSize)
-			pid = os.Getpid()
-		}
+		vt, err := bench.DialVhostUser(ctx, sock, j.queues, j.job.QueueDepth, j.job.BlockSize)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", j.name, err)
+			return nil, err
 		}
-		res, err := bench.Run(ctx, t, j.job, bench.ProcessCPU{PID: pid})
-		if cerr := close(); cerr != nil && err == nil {
-			err = cerr
+		t, close = vt, vt.Close
+	default:
+		var err error
+		if t, close, err = openRaw(image, j.queues, j.job.QueueDepth, j.job.BlockSize); err != nil {
+			return nil, err
 		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", j.name, err)
-		}
-		res.Target = tgt
-		log.Info("job", "target", tgt, "job", j.name, "iops", int(res.IOPS), "p99_us", res.LatP99, "cpu_s_per_mio", res.CPUPerMIO)
-		out = append(out, res)
 	}
-	return out, nil
+	res, err := bench.Run(ctx, t, j.job, bench.ProcessCPU{PID: pid})
+	if cerr := close(); cerr != nil && err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	res.Target = tgt
+	log.Info("job", "target", tgt, "job", j.name, "iops", int(res.IOPS), "p99_us", res.LatP99, "cpu_s_per_mio", res.CPUPerMIO)
+	return res, nil
 }
 
 type backend struct {
@@ -338,35 +328,40 @@ func report(w io.Writer, js []jobSpec, targets []string, results map[string]map[
 		}
 		return false
 	}
+	// Ratios are taken within each round (the two targets ran seconds
+	// apart, under about the same machine load) and the median of those
+	// per-round ratios is reported, with the individual rounds.
+	ratio := func(job, a, c string, f func(*bench.Result) float64) string {
+		ra, rc := results[job][a], results[job][c]
+		var xs []float64
+		var parts []string
+		for i := range min(len(ra), len(rc)) {
+			if d := f(rc[i]); d > 0 {
+				xs = append(xs, f(ra[i])/d)
+				parts = append(parts, fmt.Sprintf("%.2f", f(ra[i])/d))
+			}
+		}
+		if len(xs) == 0 {
+			return "-"
+		}
+		return fmt.Sprintf("**%.2f** (%s)", median(xs), strings.Join(parts, ", "))
+	}
+	iops := func(r *bench.Result) float64 { return r.IOPS }
+	cpu := func(r *bench.Result) float64 { return r.CPUPerMIO }
 	if has(tVirtblkd) {
-		b.WriteString("\n| job | virtblkd/raw IOPS | virtblkd/qsd IOPS | virtblkd/qsd CPU per I/O |\n|---|---:|---:|---:|\n")
+		b.WriteString("\nRatios: median of the per-round ratios (each round's ratio in parentheses).\n\n")
+		b.WriteString("| job | virtblkd/raw IOPS | virtblkd/qsd IOPS | virtblkd/qsd CPU per I/O |\n|---|---|---|---|\n")
 		for _, j := range js {
-			iops := func(t string) float64 {
-				return med(results[j.name][t], func(r *bench.Result) float64 { return r.IOPS })
-			}
-			cpu := func(t string) float64 {
-				return med(results[j.name][t], func(r *bench.Result) float64 { return r.CPUPerMIO })
-			}
-			ratio := func(a, c float64) string {
-				if c == 0 {
-					return "-"
-				}
-				return fmt.Sprintf("%.2f", a/c)
-			}
 			qsdIOPS, qsdCPU := "-", "-"
 			if has(tQSD) {
-				qsdIOPS, qsdCPU = ratio(iops(tVirtblkd), iops(tQSD)), ratio(cpu(tVirtblkd), cpu(tQSD))
+				qsdIOPS, qsdCPU = ratio(j.name, tVirtblkd, tQSD, iops), ratio(j.name, tVirtblkd, tQSD, cpu)
 			}
-			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", j.name, ratio(iops(tVirtblkd), iops(tRaw)), qsdIOPS, qsdCPU)
+			fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", j.name, ratio(j.name, tVirtblkd, tRaw, iops), qsdIOPS, qsdCPU)
 		}
 	} else if has(tQSD) {
-		b.WriteString("\n| job | qsd/raw IOPS |\n|---|---:|\n")
+		b.WriteString("\n| job | qsd/raw IOPS |\n|---|---|\n")
 		for _, j := range js {
-			q := med(results[j.name][tQSD], func(r *bench.Result) float64 { return r.IOPS })
-			r := med(results[j.name][tRaw], func(r *bench.Result) float64 { return r.IOPS })
-			if r > 0 {
-				fmt.Fprintf(&b, "| %s | %.2f |\n", j.name, q/r)
-			}
+			fmt.Fprintf(&b, "| %s | %s |\n", j.name, ratio(j.name, tQSD, tRaw, iops))
 		}
 	}
 	_, err := io.WriteString(w, b.String())

@@ -165,7 +165,7 @@ func EnsureTrixie(t testing.TB) string {
 	RequireRoot(t)
 	if _, err := os.Stat(filepath.Join(TrixieRoot(), ".virtblk-stamp")); err != nil {
 		if _, err := exec.LookPath("debootstrap"); err != nil {
-			Missing(t, "debootstrap not installed (hack/host-deps.sh)")
+			Missing(t, "debootstrap not installed (hack/install-deps.sh)")
 		}
 	}
 	script, err := Script("trixie-root.sh")
@@ -295,7 +295,7 @@ func Start(t testing.TB, cfg Config) *VM {
 		kernel = k
 	} else {
 		if _, err := exec.LookPath(qemu[0]); err != nil {
-			Missing(t, "%s not installed (apt-get install qemu-system-x86; hack/host-deps.sh)", qemu[0])
+			Missing(t, "%s not installed (apt-get install qemu-system-x86; hack/install-deps.sh)", qemu[0])
 		}
 		if _, err := os.Stat(bios); err != nil {
 			Missing(t, "%s missing (apt-get install qemu-system-data)", bios)

@@ -179,7 +179,7 @@ func TestVhostUserBlkQSD(t *testing.T) {
 
 func TestWriteCPIOListsWithCpioTool(t *testing.T) {
 	if _, err := exec.LookPath("cpio"); err != nil {
-		Missing(t, "cpio not installed (hack/host-deps.sh)")
+		Missing(t, "cpio not installed (hack/install-deps.sh)")
 	}
 	var buf bytes.Buffer
 	files := map[string][]byte{"/test.sh": []byte("echo hi\n"), "/etc/fio/job.fio": []byte("[job]\nrw=read\n"), "odd": {1, 2, 3}}

@@ -31,8 +31,12 @@ const (
 
 // Config is what a VMI's virtblk.io/ annotations ask for.
 type Config struct {
-	// IOThreads is the IOThread pool and virtqueue mapping plan.
+	// IOThreads is the IOThread pool and virtqueue mapping plan; nil when
+	// only the serve mode is asked for.
 	IOThreads *domainxml.IOThreadPlan
+	// Serve lists the disks served from virtblk's store over
+	// vhost-user-blk; nil without virtblk.io/serve.
+	Serve *ServePlan
 }
 
 // FromVMIJSON parses the VMI JSON that virt-launcher sends with every hook
@@ -66,11 +70,18 @@ func Parse(vmi *kubevirtv1.VirtualMachineInstance) (*Config, error) {
 	}
 	p := parser{vmi: vmi, s: settings{queueMaps: map[string]queueMapSetting{}}}
 	p.readAnnotations()
-	plan := p.buildIOThreadPlan()
+	serve := p.buildServePlan()
+	var plan *domainxml.IOThreadPlan
+	// With virtblk.io/serve alone there is no IOThread mapping to ask for;
+	// otherwise virtblk.io/iothreads is required as before.
+	_, serveGiven := p.vmi.Annotations[KeyServe]
+	if !serveGiven || p.iothreadKeysGiven() {
+		plan = p.buildIOThreadPlan()
+	}
 	if len(p.errs) > 0 {
 		return nil, p.errs.sorted()
 	}
-	return &Config{IOThreads: plan}, nil
+	return &Config{IOThreads: plan, Serve: serve}, nil
 }
 
 func hasVirtblkKey(annotations map[string]string) bool {

@@ -29,6 +29,10 @@ type settings struct {
 	cpuset    *setting[string]
 	poll      *setting[domainxml.Polling]
 	queueMaps map[string]queueMapSetting
+
+	serve       *setting[[]serveEntry]
+	store       *setting[string]
+	metricsPort *setting[int]
 }
 
 // setting is one parsed value with the raw annotation it came from, so later
@@ -64,6 +68,9 @@ var knownKeys = []keySpec{
 	{key: KeyIOThreadCPUSet, example: "2-5", parse: parseCPUSet},
 	{key: KeyIOThreadPoll, example: "max=32768,grow=2,shrink=2", parse: parsePoll},
 	{key: KeyQueueMapPrefix, perDisk: true, example: "1,1,2,2", parse: parseQueueMap},
+	{key: KeyServe, example: "data:10Gi,logs:2Gi", parse: parseServe},
+	{key: KeyStore, example: "/var/lib/virtblk/store.vbs", parse: parseStore},
+	{key: KeyMetricsPort, example: "9090", parse: parseMetricsPort},
 }
 
 func lookupKey(key string) (keySpec, string, bool) {

@@ -61,8 +61,8 @@ func (p *parser) buildIOThreadPlan() *domainxml.IOThreadPlan {
 	}
 	// Maps for disks that are not mapped at all.
 	for _, name := range sortedKeys(s.queueMaps) {
-		if selected[name] {
-			continue
+		if selected[name] || p.served(name) {
+			continue // a served disk's map is reported by buildServePlan
 		}
 		qm := s.queueMaps[name]
 		d, exists := p.findDisk(name)
@@ -104,7 +104,9 @@ func (p *parser) selectDisks() []string {
 	var out []string
 	if p.s.disks == nil {
 		for _, d := range p.vmi.Spec.Domain.Devices.Disks {
-			if isVirtioDisk(d) {
+			// A served disk becomes vhost-user: QEMU IOThreads never
+			// serve its queues.
+			if isVirtioDisk(d) && !p.served(d.Name) {
 				out = append(out, d.Name)
 			}
 		}

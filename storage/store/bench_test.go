@@ -122,7 +122,7 @@ func buildMillion(tb testing.TB, extraRecords int) (string, time.Duration) {
 	if err := s.Sync(); err != nil {
 		tb.Fatal(err)
 	}
-	s.closed.Store(true) // crash: no close, stop the ticker
+	s.abandon() // crash: no sync
 	start := time.Now()
 	s2, err := Open(d, Options{})
 	if err != nil {
@@ -134,7 +134,7 @@ func buildMillion(tb testing.TB, extraRecords int) (string, time.Duration) {
 	if s2.c.sb.Current.Seq == 0 || s2.c.nextSeq-1 == s2.c.sb.Current.Seq {
 		tb.Fatalf("want a checkpoint and a journal tail: checkpoint %d, journal %d", s2.c.sb.Current.Seq, s2.c.nextSeq-1)
 	}
-	s2.closed.Store(true)
+	s2.abandon()
 	return path, time.Since(start)
 }
 
@@ -156,7 +156,7 @@ func BenchmarkRecoverMillion(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		s.closed.Store(true)
+		s.abandon()
 		d.Close()
 	}
 }

@@ -226,11 +226,12 @@ func (s *Store) encodeChunks(recs []record) [][]byte {
 	var chunks [][]byte
 	var cur []byte
 	for _, r := range recs {
-		if len(cur)+maxRecordSize > max {
-			chunks = append(chunks, cur)
-			cur = nil
-		}
+		n := len(cur)
 		cur = r.appendTo(cur)
+		if len(cur) > max {
+			chunks = append(chunks, cur[:n:n])
+			cur = r.appendTo(nil)
+		}
 	}
 	if len(cur) > 0 || len(chunks) == 0 {
 		chunks = append(chunks, cur)

@@ -20,6 +20,8 @@ type FileDisk struct {
 	work   chan func()
 	wg     sync.WaitGroup
 	once   sync.Once
+	mu     sync.RWMutex
+	closed bool
 }
 
 const fileDiskWorkers = 16
@@ -52,6 +54,10 @@ func OpenFileDisk(path string) (*FileDisk, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
+	if err := lockFile(f, path); err != nil {
+		f.Close()
+		return nil, err
+	}
 	end, err := f.Seek(0, io.SeekEnd)
 	if err != nil {
 		f.Close()
@@ -78,6 +84,12 @@ func (d *FileDisk) Direct() bool { return d.direct }
 // submit never blocks: completions submit follow-up I/O from worker
 // goroutines, and a full channel must not deadlock them.
 func (d *FileDisk) submit(fn func()) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.closed {
+		go fn() // the file is closed: the operation fails with EBADF
+		return
+	}
 	select {
 	case d.work <- fn:
 	default:
@@ -111,9 +123,25 @@ func (d *FileDisk) Flush(done func(error)) {
 func (d *FileDisk) Close() error {
 	var err error
 	d.once.Do(func() {
+		d.mu.Lock()
+		d.closed = true
+		d.mu.Unlock()
 		close(d.work)
 		d.wg.Wait()
 		err = d.f.Close()
 	})
 	return err
+}
+
+// lockFile takes an exclusive advisory lock: two processes opening one
+// store would each believe they own its free blocks.
+func lockFile(f *os.File, path string) error {
+	err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		return fmt.Errorf("store %s is open in another process (or another handle); close it first", path)
+	}
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", path, err)
+	}
+	return nil
 }

@@ -89,7 +89,8 @@ type Geometry struct {
 type FormatOptions struct {
 	JournalSlots uint32 // default 256
 	SlotSize     uint32 // default 64 KiB
-	// CkptSize per area; default room for DataBlocks/32 leaves.
+	// CkptSize per area; default room for DataBlocks/64+16 leaves (4x what
+	// a fully written store needs) and twice as many leaf references.
 	CkptSize uint64
 }
 
@@ -116,7 +117,7 @@ func computeGeometry(size uint64, o FormatOptions) (Geometry, error) {
 	approxBlocks := (size - fixed) / blockSize
 	g.CkptSize = o.CkptSize
 	if g.CkptSize == 0 {
-		leaves := int64(approxBlocks/32 + 16)
+		leaves := int64(approxBlocks/64 + 16)
 		g.CkptSize = uint64(ckptBytes(leaves, 2*leaves))
 	}
 	g.CkptSize = roundUp(g.CkptSize, blockSize)

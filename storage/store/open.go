@@ -93,19 +93,25 @@ func Open(d Disk, o Options) (*Store, error) {
 	s.log.Info("store opened", "volumes", len(s.table().byID), "journal_seq", next-1,
 		"checkpoint_seq", from, "elapsed", time.Since(start))
 	if o.Pump == nil {
+		s.tickStop, s.tickDone = make(chan struct{}), make(chan struct{})
 		go s.ticker()
 	}
 	return s, nil
 }
 
+// ticker commits queued records and reclaims blocks every 50 ms, so
+// unflushed writes become durable without a guest FLUSH too.
 func (s *Store) ticker() {
+	defer close(s.tickDone)
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	for range t.C {
-		if s.closed.Load() {
+	for {
+		select {
+		case <-s.tickStop:
 			return
+		case <-t.C:
+			s.Tick()
 		}
-		s.Tick()
 	}
 }
 
@@ -119,9 +125,24 @@ func (s *Store) Close() error {
 			return fmt.Errorf("close store: volume %q still has open queues", v.name)
 		}
 	}
+	if s.tickStop != nil {
+		close(s.tickStop)
+		<-s.tickDone
+		s.tickStop = nil
+	}
 	err := s.Sync()
 	s.closed.Store(true)
 	return err
+}
+
+// abandon stops the store without syncing, as a crash would (tests).
+func (s *Store) abandon() {
+	if s.tickStop != nil {
+		close(s.tickStop)
+		<-s.tickDone
+		s.tickStop = nil
+	}
+	s.closed.Store(true)
 }
 
 // Sync makes every completed operation durable.
@@ -340,8 +361,8 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 	var erase []uint64
 	for slot := range n {
 		if h, ok := header(slot); ok && h.Seq >= stop && h.Seq%n == slot {
-			return 0, fmt.Errorf("journal entry %d is missing but entry %d (header at offset %d) was committed after it: %w",
-				stop, h.Seq, g.HeaderOff+slot*sectorSize, ErrCorrupt)
+			return 0, fmt.Errorf("journal entry %d (body at offset %d, header at offset %d) is missing but entry %d (header at offset %d) was committed after it: %w",
+				stop, g.bodyOffset(stop), g.headerOffset(stop), h.Seq, g.HeaderOff+slot*sectorSize, ErrCorrupt)
 		}
 		if bs, ok := bodyClaims(bodies[slot], g.JournalSlots, slot); ok && bs >= stop {
 			erase = append(erase, slot)

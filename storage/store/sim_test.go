@@ -6,7 +6,10 @@ import (
 	"flag"
 	"fmt"
 	"math/rand/v2"
+	"regexp"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,7 +21,15 @@ var (
 	flagSeed  = flag.Uint64("seed", 0, "run only this simulator seed (TestSim)")
 	flagSeeds = flag.Int("seeds", 120, "number of simulator seeds TestSim runs (a sixth of them under -race, 10 with -short)")
 	flagSoak  = flag.Duration("soak", 0, "run random simulator seeds for this long (local soak)")
+	flagSteps = flag.Int("steps", 0, "simulator steps per seed (default 3000, 20000 with -soak)")
 )
+
+func simSteps(def int) int {
+	if *flagSteps > 0 {
+		return *flagSteps
+	}
+	return def
+}
 
 // TestSim runs the store against the simulated disk for many seeds: random
 // I/O, flushes, admin operations, crashes with torn and lost writes, and
@@ -26,12 +37,12 @@ var (
 func TestSim(t *testing.T) {
 	switch {
 	case *flagSeed != 0:
-		runSeed(t, *flagSeed, 4000)
+		runSeed(t, *flagSeed, simSteps(3000))
 	case *flagSoak > 0:
 		end := time.Now().Add(*flagSoak)
 		base := uint64(time.Now().UnixNano())
 		for i := uint64(0); time.Now().Before(end); i++ {
-			runSeed(t, base+i, 20000)
+			runSeed(t, base+i, simSteps(20000))
 			if t.Failed() {
 				return
 			}
@@ -48,7 +59,7 @@ func TestSim(t *testing.T) {
 			n = min(n, 10)
 		}
 		for seed := uint64(1); seed <= uint64(n); seed++ {
-			runSeed(t, seed, 3000)
+			runSeed(t, seed, simSteps(3000))
 			if t.Failed() {
 				return
 			}
@@ -87,6 +98,7 @@ func (m *vmodel) cur(s uint64) uint64 {
 type harness struct {
 	t       *testing.T
 	seed    uint64
+	steps   int
 	rng     *rand.Rand
 	disk    *sim.Disk
 	s       *Store
@@ -107,7 +119,8 @@ type harness struct {
 
 func (h *harness) fatalf(format string, args ...any) {
 	h.t.Helper()
-	h.t.Fatalf("seed %d: %s\nreplay: go test ./storage/store -run 'TestSim$' -seed=%d -v", h.seed, fmt.Sprintf(format, args...), h.seed)
+	h.t.Fatalf("seed %d: %s\nreplay: go test ./storage/store -run 'TestSim$' -seed=%d -steps=%d -v",
+		h.seed, fmt.Sprintf(format, args...), h.seed, h.steps)
 }
 
 func runSeed(t *testing.T, seed uint64, steps int) {
@@ -131,7 +144,7 @@ func runSeed(t *testing.T, seed uint64, steps int) {
 			so.FaultRanges = append(so.FaultRanges, [2]uint64{0, geo.DataOff})
 		}
 	}
-	h := &harness{t: t, seed: seed, rng: rng, disk: sim.New(so), geo: geo, vols: map[string]*vmodel{}}
+	h := &harness{t: t, seed: seed, steps: steps, rng: rng, disk: sim.New(so), geo: geo, vols: map[string]*vmodel{}}
 	h.opts = Options{Pump: h.disk.Step, CommitRecords: 1 + rng.IntN(200)}
 	if err := Format(h.disk, fo, h.opts); err != nil {
 		h.fatalf("format: %v", err)
@@ -500,8 +513,30 @@ func (h *harness) crash() {
 	}
 }
 
-func (h *harness) metadataFaulted() bool {
-	return h.disk.Faulted(0, h.geo.DataOff)
+var offsetRE = regexp.MustCompile(`offset (\d+)`)
+
+// refusalExplained reports whether an injected fault lies in a structure
+// the refusal names: the superblock zone for a lost quorum, otherwise the
+// journal slot or checkpoint area at one of the offsets it quotes.
+func (h *harness) refusalExplained(err error) bool {
+	if !errors.Is(err, ErrCorrupt) {
+		return false
+	}
+	msg := err.Error()
+	if strings.Contains(msg, "no superblock quorum") {
+		return h.disk.Faulted(0, superZoneBytes)
+	}
+	for _, m := range offsetRE.FindAllStringSubmatch(msg, -1) {
+		off, _ := strconv.ParseUint(m[1], 10, 64)
+		n := uint64(h.geo.SlotSize)
+		if off >= h.geo.CkptOff[0] && off < h.geo.DataOff {
+			n = h.geo.CkptSize
+		}
+		if h.disk.Faulted(off, n) {
+			return true
+		}
+	}
+	return false
 }
 
 // reopen opens the store after a crash and checks every volume against the
@@ -510,7 +545,7 @@ func (h *harness) metadataFaulted() bool {
 func (h *harness) reopen() bool {
 	s, err := Open(h.disk, h.opts)
 	if err != nil {
-		if h.metadataFaulted() && errors.Is(err, ErrCorrupt) {
+		if h.refusalExplained(err) {
 			h.refused++
 			h.t.Logf("seed %d: open refused after metadata faults (allowed): %v", h.seed, err)
 			return false

@@ -153,6 +153,8 @@ type Store struct {
 
 	notesMu sync.Mutex
 	notes   []string
+
+	tickStop, tickDone chan struct{}
 }
 
 func (s *Store) table() *volTable { return s.vols.Load() }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -48,6 +49,10 @@ func OpenUringDisk(path string) (*UringDisk, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open %s with O_DIRECT: %w", path, err)
+	}
+	if err := lockFile(f, path); err != nil {
+		f.Close()
+		return nil, err
 	}
 	end, err := f.Seek(0, io.SeekEnd)
 	if err != nil {
@@ -212,6 +217,9 @@ func OpenDisk(path string) (DiskCloser, string, error) {
 	d, err := OpenUringDisk(path)
 	if err == nil {
 		return d, "", nil
+	}
+	if strings.Contains(err.Error(), "another process") {
+		return nil, "", err
 	}
 	fd, ferr := OpenFileDisk(path)
 	if ferr != nil {
