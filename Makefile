@@ -14,7 +14,8 @@ deps:
 	hack/trixie-root.sh
 
 # The main job: a demo on an embedded default, no cluster needed.
-demo: deps
+demo:
+	hack/install-deps.sh
 	$(GO) run ./cmd/virtblk demo
 
 # The test suite CI runs (.ci/run). Race detector on everything: the data
