@@ -14,6 +14,7 @@ pkgs=(
 	busybox-static    # guest initramfs userland
 	fio               # guest I/O with verification
 	cpio xz-utils zstd # guest image packing / kernel extraction
+	prometheus        # promtool: checks our metrics exposition in tests
 	kmod              # modinfo: module dependency order for the guest initramfs
 	ca-certificates
 )

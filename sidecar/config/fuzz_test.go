@@ -23,6 +23,9 @@ func FuzzParse(f *testing.F) {
 	f.Add("virtblk.io/iothreads=2", []byte(`{"spec":{"domain":{"resources":{"limits":{"cpu":"-3"}},"devices":{"disks":[{"name":"a","disk":{"bus":"virtio"}}]}}}}`))
 	f.Add("", []byte(`{"metadata":{"annotations":{"virtblk.io/iothreads":"1"}}}`))
 	f.Add("", []byte(`null`))
+	f.Add("virtblk.io/serve=data:10Gi,scratch:1.5G\nvirtblk.io/store=/pvc/s.vbs\nvirtblk.io/metrics-port=9100", vmiJSON)
+	f.Add("virtblk.io/serve=data:1Gi\nvirtblk.io/iothreads=2\nvirtblk.io/queue-map.data=1", vmiJSON)
+	f.Add("virtblk.io/serve=data:1e40,x:,:3\nvirtblk.io/store=rel", vmiJSON)
 	f.Fuzz(func(t *testing.T, annotations string, vmiJSON []byte) {
 		// The VMI JSON on its own, as the hook receives it.
 		cfg, err := FromVMIJSON(vmiJSON)
@@ -64,6 +67,12 @@ func checkResult(t *testing.T, cfg *Config, err error) {
 	if cfg == nil {
 		return
 	}
+	if cfg.Serve != nil {
+		checkServe(t, cfg.Serve)
+		if cfg.IOThreads == nil {
+			return
+		}
+	}
 	plan := cfg.IOThreads
 	if plan == nil || plan.PoolSize < 1 || plan.PoolSize > MaxIOThreads || len(plan.Disks) == 0 {
 		t.Fatalf("bad plan %+v", plan)
@@ -80,5 +89,26 @@ func checkResult(t *testing.T, cfg *Config, err error) {
 				t.Fatalf("queue map entry %d outside pool of %d", th, plan.PoolSize)
 			}
 		}
+	}
+}
+
+func checkServe(t *testing.T, sp *ServePlan) {
+	t.Helper()
+	if len(sp.Disks) == 0 || len(sp.Disks) > MaxServedDisks {
+		t.Fatalf("serve plan with %d disks", len(sp.Disks))
+	}
+	for _, d := range sp.Disks {
+		if !validDiskName(d.Name) || d.Alias != AliasPrefix+d.Name {
+			t.Fatalf("bad served disk name %+v", d)
+		}
+		if d.Size == 0 || d.Size%VolumeBlockSize != 0 || d.Size > MaxVolumeBytes {
+			t.Fatalf("bad served disk size %+v", d)
+		}
+		if d.Queues < 1 || d.Queues > MaxQueues {
+			t.Fatalf("bad served disk queues %+v", d)
+		}
+	}
+	if sp.MetricsPort < 0 || sp.MetricsPort > 65535 {
+		t.Fatalf("bad metrics port %d", sp.MetricsPort)
 	}
 }

@@ -330,7 +330,10 @@ func (s *Store) writeCheckpoint(cut cutResult, flags uint8, done func(error)) {
 		done(fmt.Errorf("checkpoint of %d bytes exceeds the %d-byte area: %w", len(blob), s.geo.CkptSize, ErrNoSpace))
 		return
 	}
-	area := 1 - s.c.sb.Current.Area
+	area := s.c.sb.Current.Area
+	for area == s.c.sb.Current.Area || area == s.c.sb.Previous.Area {
+		area = (area + 1) % ckptAreas
+	}
 	buf := alignedBuf(int(roundUp(uint64(len(blob)), blockSize)))
 	copy(buf, blob)
 	ref := ckptRef{Area: area, Flags: flags, Seq: seq, Size: uint64(len(blob)), Sum: checksum(blob)}

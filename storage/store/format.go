@@ -22,6 +22,9 @@ const (
 	superCopies    = 4
 	superQuorum    = 2 // open quorum; the write quorum is all copies
 	superZoneBytes = superCopies * blockSize
+	// ckptAreas: a new checkpoint goes to the area neither the current nor
+	// the previous checkpoint uses, so writing it never destroys either.
+	ckptAreas = 3
 	bodyHeaderSize = 64
 	formatVersion  = 1
 
@@ -80,7 +83,7 @@ type Geometry struct {
 	CkptSize     uint64 // C, bytes per checkpoint area
 	HeaderOff    uint64
 	BodyOff      uint64
-	CkptOff      [2]uint64
+	CkptOff      [ckptAreas]uint64
 	DataOff      uint64
 	DataBlocks   uint32 // D, including the unused block 0
 }
@@ -121,9 +124,10 @@ func computeGeometry(size uint64, o FormatOptions) (Geometry, error) {
 		g.CkptSize = uint64(ckptBytes(leaves, 2*leaves))
 	}
 	g.CkptSize = roundUp(g.CkptSize, blockSize)
-	g.CkptOff[0] = fixed
-	g.CkptOff[1] = fixed + g.CkptSize
-	g.DataOff = fixed + 2*g.CkptSize
+	for a := range ckptAreas {
+		g.CkptOff[a] = fixed + uint64(a)*g.CkptSize
+	}
+	g.DataOff = fixed + ckptAreas*g.CkptSize
 	if size < g.DataOff+16*blockSize {
 		return g, fmt.Errorf("store size %d too small for its metadata (%d bytes)", size, g.DataOff)
 	}
@@ -158,7 +162,7 @@ func (g Geometry) blockOffset(pblock uint32) uint64 {
 
 // ckptRef points at one checkpoint blob.
 type ckptRef struct {
-	Area  uint8 // 0 or 1
+	Area  uint8 // 0 to ckptAreas-1
 	Flags uint8 // ckptNoFallback
 	Seq   uint64
 	Size  uint64
@@ -177,7 +181,7 @@ type superblock struct {
 	Previous ckptRef
 }
 
-const superEncodedSize = 8 + 4 + 2 + 8 + 16 + 16 + 8 + 4 + 4 + 8 + 8 + 8 + 16 + 8 + 4 + 2*(1+1+8+8+16) + 16
+const superEncodedSize = 8 + 4 + 2 + 8 + 16 + 16 + 8 + 4 + 4 + 8 + 8 + 8 + ckptAreas*8 + 8 + 4 + 2*(1+1+8+8+16) + 16
 
 func putRef(b []byte, r ckptRef) []byte {
 	b = append(b, r.Area, r.Flags)
@@ -204,8 +208,9 @@ func (s *superblock) encode() []byte {
 	b = binary.LittleEndian.AppendUint64(b, g.CkptSize)
 	b = binary.LittleEndian.AppendUint64(b, g.HeaderOff)
 	b = binary.LittleEndian.AppendUint64(b, g.BodyOff)
-	b = binary.LittleEndian.AppendUint64(b, g.CkptOff[0])
-	b = binary.LittleEndian.AppendUint64(b, g.CkptOff[1])
+	for _, o := range g.CkptOff {
+		b = binary.LittleEndian.AppendUint64(b, o)
+	}
 	b = binary.LittleEndian.AppendUint64(b, g.DataOff)
 	b = binary.LittleEndian.AppendUint32(b, g.DataBlocks)
 	b = putRef(b, s.Current)
@@ -276,7 +281,10 @@ func decodeSuperblock(b []byte) (*superblock, error) {
 	g := &s.Geo
 	g.DiskSize, g.JournalSlots, g.SlotSize = r.u64(), r.u32(), r.u32()
 	g.CkptSize, g.HeaderOff, g.BodyOff = r.u64(), r.u64(), r.u64()
-	g.CkptOff[0], g.CkptOff[1], g.DataOff, g.DataBlocks = r.u64(), r.u64(), r.u64(), r.u32()
+	for a := range g.CkptOff {
+		g.CkptOff[a] = r.u64()
+	}
+	g.DataOff, g.DataBlocks = r.u64(), r.u32()
 	s.Current, s.Previous = r.ref(), r.ref()
 	if r.err {
 		return nil, errors.New("truncated")

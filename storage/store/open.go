@@ -18,7 +18,7 @@ func Format(d Disk, fo FormatOptions, o Options) error {
 	blob := encodeCheckpoint(0, 1, nil)
 	buf := alignedBuf(blockSize)
 	copy(buf, blob)
-	for a := range 2 {
+	for a := range ckptAreas {
 		if err := s.writeSync(geo.CkptOff[a], buf); err != nil {
 			return fmt.Errorf("format: write checkpoint area %d: %w", a, err)
 		}
@@ -242,10 +242,10 @@ func (s *Store) loadCheckpoint(sb *superblock) (uint64, bool, error) {
 }
 
 func (s *Store) readCheckpoint(ref ckptRef) (*decodedCkpt, error) {
-	off := s.geo.CkptOff[ref.Area&1]
-	if ref.Size > s.geo.CkptSize || ref.Area > 1 {
+	if ref.Size > s.geo.CkptSize || ref.Area >= ckptAreas {
 		return nil, fmt.Errorf("checkpoint reference area %d size %d is out of range", ref.Area, ref.Size)
 	}
+	off := s.geo.CkptOff[ref.Area]
 	buf := alignedBuf(int(roundUp(ref.Size, blockSize)))
 	if err := s.readSync(off, buf); err != nil {
 		return nil, fmt.Errorf("read checkpoint area %d at offset %d: %w", ref.Area, off, err)

@@ -278,3 +278,18 @@ func FuzzParseDomain(f *testing.F) {
 		}
 	})
 }
+
+// TestHostileValuesAreEscaped: paths and names come from the pod; control
+// characters in them must not reach the terminal or break the table.
+func TestHostileValuesAreEscaped(t *testing.T) {
+	xml := "<domain type='kvm'><name>ns_vm</name><devices>" +
+		"<disk type='file'><source file='/x&#x9b;2J&#x9;y'/><target dev='vda' bus='virtio'/><alias name='ua-a&#xa;b'/></disk>" +
+		"</devices></domain>"
+	out, _ := render(t, []byte(xml))
+	if strings.ContainsAny(out, "\u009b\t") {
+		t.Errorf("raw control characters in output: %q", out)
+	}
+	if !strings.Contains(out, `"/x\u009b2J\ty"`) || !strings.Contains(out, `"a\nb"`) {
+		t.Errorf("values not quoted:\n%s", out)
+	}
+}
