@@ -33,6 +33,8 @@ const (
 	// disk names; longer names would not fit a unix socket path either.
 	maxDiskNameLen  = 63
 	maxStorePathLen = 4096
+	// virtioSerialBytes is the size of virtio-blk's GET_ID answer.
+	virtioSerialBytes = 20
 )
 
 // ServePlan is what virtblk.io/serve and its companions ask for: disks of
@@ -59,6 +61,10 @@ type ServedDisk struct {
 	Size uint64
 	// Queues is the virtqueue count: virtblk.io/queues or one per vCPU.
 	Queues int
+	// Serial is the VMI disk's serial, cut to virtio-blk's 20 bytes as
+	// QEMU does; the back-end answers GET_ID with it because libvirt
+	// refuses <serial> on a vhost-user disk.
+	Serial string
 }
 
 // serveEntry is one "name:size" of virtblk.io/serve.
@@ -250,7 +256,11 @@ func (p *parser) buildServePlan() *ServePlan {
 			continue
 		}
 		done[d.Name] = true
-		plan.Disks = append(plan.Disks, ServedDisk{Name: d.Name, Alias: AliasPrefix + d.Name, Size: size, Queues: queues})
+		serial := d.Serial
+		if len(serial) > virtioSerialBytes {
+			serial = serial[:virtioSerialBytes]
+		}
+		plan.Disks = append(plan.Disks, ServedDisk{Name: d.Name, Alias: AliasPrefix + d.Name, Size: size, Queues: queues, Serial: serial})
 	}
 	if s.store != nil {
 		plan.Store = s.store.v

@@ -151,8 +151,8 @@ func TestCorruptionRefused(t *testing.T) {
 			f.disk.CorruptSector(f.geo.headerOffset(f.cur.Seq + 1))
 		}, "was committed after it"},
 		{"both checkpoints", func(f *corruptFixture) {
-			f.disk.FlipBit(f.geo.CkptOff[0]+8, 1)
-			f.disk.FlipBit(f.geo.CkptOff[1]+8, 1)
+			f.disk.FlipBit(f.geo.CkptOff[f.cur.Area]+8, 1)
+			f.disk.FlipBit(f.geo.CkptOff[f.prev.Area]+8, 1)
 		}, "previous checkpoint"},
 	}
 	for _, tc := range cases {
