@@ -6,7 +6,7 @@
 # and Go; builds virtblkd and the benchmark driver from this tree.
 #
 #   hack/bench-vhost-user.sh [benchvs flags...]
-#   e.g. hack/bench-vhost-user.sh --rounds 3 --runtime 5s --image /var/tmp/b.img
+#   e.g. hack/bench-vhost-user.sh --rounds 3 --runtime 10s --image /var/tmp/b.img
 #
 # Without cmd/virtblkd in the tree (or with VIRTBLKD= set empty) virtblkd is
 # skipped and qsd is compared with the raw ceiling only.

@@ -15,6 +15,7 @@ pkgs=(
 	fio               # guest I/O with verification
 	cpio xz-utils zstd # guest image packing / kernel extraction
 	prometheus        # promtool: checks our metrics exposition in tests
+	skopeo            # reads our OCI image archive in its test
 	kmod              # modinfo: module dependency order for the guest initramfs
 	ca-certificates
 )

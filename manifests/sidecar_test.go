@@ -1,8 +1,6 @@
 package manifests
 
 import (
-	"errors"
-	"slices"
 	"testing"
 
 	kvv1 "kubevirt.io/api/core/v1"
@@ -10,38 +8,15 @@ import (
 	"github.com/virtblk/virtblk/sidecar/config"
 )
 
-// serveKeys are the served-disk annotations (issue 5, part 1). Until the
-// sidecar's parser knows them, it reports them as unknown (and wants
-// virtblk.io/iothreads on a serve-only VMI); those errors are tolerated for
-// such VMIs only, every other parser error fails.
-var serveKeys = []string{"virtblk.io/serve", "virtblk.io/store", "virtblk.io/metrics-port"}
-
 // sidecarParse runs the sidecar's own annotation parser on a VMI, so the
 // examples are checked against the code that will read them in the pod.
 func sidecarParse(t *testing.T, where string, vmi *kvv1.VirtualMachineInstance) *config.Config {
 	t.Helper()
 	cfg, err := config.Parse(vmi)
-	if err == nil {
-		return cfg
+	if err != nil {
+		t.Errorf("%s: sidecar parser: %v", where, err)
 	}
-	var errs config.Errors
-	if !errors.As(err, &errs) {
-		t.Fatalf("%s: sidecar parser: %v", where, err)
-	}
-	// While the parser lacks served-disk mode, it also asks for
-	// virtblk.io/iothreads on a VMI that only serves disks.
-	pending := false
-	for _, e := range errs {
-		pending = pending || (slices.Contains(serveKeys, e.Annotation) && e.Problem == "unknown virtblk annotation")
-	}
-	for _, e := range errs {
-		if pending && (slices.Contains(serveKeys, e.Annotation) || (e.Annotation == config.KeyIOThreads && e.Value == "")) {
-			t.Logf("%s: tolerated until the sidecar parser has served-disk mode: %v", where, e)
-			continue
-		}
-		t.Errorf("%s: sidecar parser: %v", where, e)
-	}
-	return nil
+	return cfg
 }
 
 // TestSidecarParserAcceptsExamples feeds every VMI (and VM template) the
@@ -62,7 +37,15 @@ func TestSidecarParserAcceptsExamples(t *testing.T) {
 			}
 			n++
 			cfg := sidecarParse(t, dir+"/"+vmi.Name, vmi)
-			if vmi.Name != "iothreads-demo" {
+			if vmi.Name == "served-disk" {
+				if cfg == nil || cfg.Serve == nil {
+					t.Errorf("%s/served-disk: the sidecar parser found nothing to serve", dir)
+					continue
+				}
+				sp := cfg.Serve
+				if len(sp.Disks) != 1 || sp.Disks[0].Name != "data" || sp.Disks[0].Size != 10<<30 || sp.Store != defaultStore {
+					t.Errorf("%s/served-disk: serve plan %+v, want disk data of 10Gi in %s", dir, sp, defaultStore)
+				}
 				continue
 			}
 			if cfg == nil || cfg.IOThreads == nil {

@@ -7,6 +7,7 @@ package vhostblk
 import (
 	"fmt"
 
+	"github.com/virtblk/virtblk/blkio/metrics"
 	"github.com/virtblk/virtblk/blkio/vhostuser"
 	"github.com/virtblk/virtblk/blkio/virtioblk"
 	"github.com/virtblk/virtblk/storage"
@@ -15,9 +16,12 @@ import (
 // Backend serves a virtioblk.Device over vhost-user.
 type Backend struct {
 	*virtioblk.Device
+	// Metrics, if set, receives per-queue request stats: virtqueue i
+	// reports to Metrics.Queue(i). Set it before serving.
+	Metrics *metrics.VolumeStats
 }
 
-// New returns the backend for dev.
+// New returns the backend for dev (metrics off).
 func New(dev *virtioblk.Device) *Backend { return &Backend{Device: dev} }
 
 // StartQueue opens a storage queue for the virtqueue and returns its worker.
@@ -26,9 +30,13 @@ func (b *Backend) StartQueue(c vhostuser.QueueConfig) (vhostuser.Runner, error) 
 	if err != nil {
 		return nil, fmt.Errorf("open storage queue for virtqueue %d: %w", c.Index, err)
 	}
+	var qs *metrics.QueueStats
+	if b.Metrics != nil {
+		qs = b.Metrics.Queue(c.Index) // nil (off) for a queue past the stats' count
+	}
 	w, err := b.NewWorker(virtioblk.WorkerConfig{
 		Index: c.Index, Queue: c.Queue, Volume: sq, KickFD: c.KickFD, CallFD: c.CallFD, ErrFD: c.ErrFD,
-		Inflight: c.Inflight, Resubmit: c.Resubmit, PollDuration: c.Poll, Log: c.Log,
+		Inflight: c.Inflight, Resubmit: c.Resubmit, PollDuration: c.Poll, Metrics: qs, Log: c.Log,
 	})
 	if err != nil {
 		sq.Close()

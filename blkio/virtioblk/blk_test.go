@@ -12,6 +12,7 @@ import (
 
 	"github.com/virtblk/virtblk/blkio/inflight"
 	"github.com/virtblk/virtblk/blkio/internal/memvol"
+	"github.com/virtblk/virtblk/blkio/metrics"
 	"github.com/virtblk/virtblk/blkio/virtioblk"
 	"github.com/virtblk/virtblk/blkio/virtq"
 	vt "github.com/virtblk/virtblk/blkio/virtq/virtqtest"
@@ -33,6 +34,7 @@ type rig struct {
 	region []byte
 	inf    *inflight.Queue
 	poll   time.Duration
+	qs     *metrics.QueueStats
 }
 
 func efd(t testing.TB) int {
@@ -87,7 +89,7 @@ func (r *rig) start(resubmit []uint16) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w, err := r.dev.NewWorker(virtioblk.WorkerConfig{Queue: q, Volume: vq, KickFD: r.kick, CallFD: r.call, ErrFD: r.errfd, Inflight: r.inf, Resubmit: resubmit, PollDuration: r.poll, Log: quiet})
+	w, err := r.dev.NewWorker(virtioblk.WorkerConfig{Queue: q, Volume: vq, KickFD: r.kick, CallFD: r.call, ErrFD: r.errfd, Inflight: r.inf, Resubmit: resubmit, PollDuration: r.poll, Metrics: r.qs, Log: quiet})
 	if err != nil {
 		t.Fatal(err)
 	}

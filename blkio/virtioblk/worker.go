@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/virtblk/virtblk/blkio/inflight"
+	"github.com/virtblk/virtblk/blkio/metrics"
 	"github.com/virtblk/virtblk/blkio/virtq"
 	"github.com/virtblk/virtblk/storage"
 )
@@ -30,7 +31,10 @@ type WorkerConfig struct {
 	// PollDuration is how long to busy-poll the ring and the volume
 	// before sleeping (0 = never).
 	PollDuration time.Duration
-	Log          *slog.Logger
+	// Metrics receives this queue's request counts and latencies (nil =
+	// off; then the hot path pays one nil check per request).
+	Metrics *metrics.QueueStats
+	Log     *slog.Logger
 }
 
 type slot struct {
@@ -41,6 +45,10 @@ type slot struct {
 	// sreq is the storage request; its Bufs array belongs to the slot so
 	// it stays untouched until the volume completes the request.
 	sreq storage.Request
+	// For metrics: when the request was taken from the ring (the worker's
+	// clock) and what it is.
+	start int64
+	op    metrics.Op
 }
 
 // Worker runs one virtqueue. All its state is private; Run owns it.
@@ -60,6 +68,10 @@ type Worker struct {
 	log     *slog.Logger
 	// completed counts requests finished by this worker (for the stop log).
 	completed uint64
+	// Metrics clock: nanoseconds since epoch, read at most once per batch
+	// of fetches or completions (0 = not read yet for this batch).
+	epoch time.Time
+	tnow  int64
 }
 
 // NewWorker prepares a worker; call Run on its own goroutine and Stop to end
@@ -69,7 +81,7 @@ func (d *Device) NewWorker(cfg WorkerConfig) (*Worker, error) {
 	w := &Worker{
 		dev: d, cfg: cfg, q: cfg.Queue, slots: make([]slot, n),
 		subs: make([]storage.Request, 0, n), comps: make([]storage.Completion, n),
-		batch: make([]uint16, 0, n), log: cfg.Log, epfd: -1,
+		batch: make([]uint16, 0, n), log: cfg.Log, epfd: -1, epoch: time.Now(),
 	}
 	if w.log == nil {
 		w.log = slog.Default()
@@ -128,12 +140,14 @@ func (w *Worker) Run() {
 	stopping := false
 	events := make([]unix.EpollEvent, 4)
 	var buf [8]byte
+	w.tnow = 0
 	for _, h := range w.cfg.Resubmit {
 		w.fetch(h, true)
 	}
 	w.cfg.Resubmit = nil
 	for {
 		progress := false
+		w.tnow = 0
 		if !stopping && w.broken == nil {
 			progress = w.drainAvail()
 		}
@@ -249,6 +263,15 @@ func (w *Worker) fetch(head uint16, resubmit bool) {
 		w.fail(fmt.Errorf("%w: %v", virtq.ErrBroken, err))
 		return
 	}
+	if m := w.cfg.Metrics; m != nil {
+		// From here on the request always reaches finish, which observes it.
+		m.Begin()
+		s.start = w.clock()
+		s.op = metrics.OpOther // a short header has no type
+		if ok {
+			s.op = metrics.OpFromVirtio(s.req.Type)
+		}
+	}
 	if !ok {
 		w.finish(head, SIOErr)
 		return
@@ -293,6 +316,7 @@ func (w *Worker) reap() bool {
 
 func (w *Worker) complete(cs []storage.Completion) {
 	w.out -= len(cs)
+	w.tnow = 0 // completion time of this batch, read on first use
 	for _, c := range cs {
 		head := uint16(c.Tag)
 		if int(head) >= len(w.slots) || !w.slots[head].busy {
@@ -302,7 +326,7 @@ func (w *Worker) complete(cs []storage.Completion) {
 		s := &w.slots[head]
 		if c.Err != nil {
 			w.log.Warn("request failed", "head", head, "type", s.req.Type, "sector", s.req.Sector, "err", c.Err)
-			w.finish(head, StatusOf(c.Err))
+			w.finishAs(head, StatusOf(c.Err), metrics.StatusOf(c.Err))
 			continue
 		}
 		// Write-through: a write is complete only once it is stable, so
@@ -318,11 +342,20 @@ func (w *Worker) complete(cs []storage.Completion) {
 
 // finish writes the status and queues the used entry.
 func (w *Worker) finish(head uint16, status byte) {
+	w.finishAs(head, status, metrics.Status(status))
+}
+
+// finishAs is finish with the metrics' view of how the request ended (a
+// checksum failure is IOERR to the guest but counted apart).
+func (w *Worker) finishAs(head uint16, status byte, ms metrics.Status) {
 	s := &w.slots[head]
 	s.req.Status[0] = status
 	written := s.req.Written
 	if status != SOK {
 		written = 1
+	}
+	if m := w.cfg.Metrics; m != nil {
+		m.Observe(s.op, s.bytes(status), time.Duration(w.clock()-s.start), ms)
 	}
 	w.q.Push(head, written)
 	s.busy = false
@@ -348,6 +381,36 @@ func (w *Worker) publish() {
 	if w.cfg.CallFD >= 0 && w.q.NeedNotify() {
 		signal(w.cfg.CallFD)
 	}
+}
+
+// clock reads the metrics clock once per batch: requests fetched (or
+// completed) together share one reading, which keeps the clock off the
+// per-request cost.
+func (w *Worker) clock() int64 {
+	if w.tnow == 0 {
+		// time.Since of a time with a monotonic reading is one vDSO
+		// clock read; +1 keeps it from being 0 ("not read yet").
+		w.tnow = int64(time.Since(w.epoch)) + 1
+	}
+	return w.tnow
+}
+
+// bytes is what a finished request moved, for the bytes counter: the data
+// length of a read or write, the range of a discard or write-zeroes, the ID
+// bytes of GET_ID; nothing for a failed request.
+func (s *slot) bytes(status byte) uint64 {
+	if status != SOK {
+		return 0
+	}
+	switch s.op {
+	case metrics.OpRead, metrics.OpWrite:
+		return s.req.DataLen
+	case metrics.OpDiscard, metrics.OpWriteZeroes:
+		return s.sreq.Length
+	case metrics.OpGetID:
+		return uint64(s.req.Written) - 1
+	}
+	return 0
 }
 
 func signal(fd int) {

@@ -58,6 +58,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 
 const usage = `Usage:
   virtblk-hook [--hooks-dir DIR] [--plugin-dir DIR] [--log-level LEVEL]
+               [--compute-hooks-dir DIR] [--store-default FILE]
+               [--store-size SIZE] [--qemu-group GID]
       Run the KubeVirt hook sidecar: serve Info, OnDefineDomain (v1alpha1,
       v1alpha2, v1alpha3), Shutdown and the Plugin API's MutateDomain until
       virt-launcher sends Shutdown or the process gets SIGTERM.
@@ -68,7 +70,8 @@ const usage = `Usage:
       The same, under the name KubeVirt's sidecar-shim runs, with the JSON and
       XML given as the argument values.
 
-Annotations and protocol: docs/sidecar.md.
+Annotations and protocol: docs/sidecar.md; serving disks from the store
+(virtblk.io/serve): docs/serve.md.
 `
 
 func serve(args []string, stderr io.Writer) int {
@@ -78,6 +81,7 @@ func serve(args []string, stderr io.Writer) int {
 	hooksDir := fs.String("hooks-dir", sidecar.DefaultHooksDir, "directory for the hook socket (virtblk-<random>.sock); empty disables it")
 	pluginDir := fs.String("plugin-dir", sidecar.DefaultPluginDir, "directory for the Plugin API socket ("+sidecar.PluginSocketName+"); empty disables it")
 	level := fs.String("log-level", "info", "debug, info, warn or error")
+	sf := addServeFlags(fs)
 	if code, ok := parseFlags(fs, args); !ok {
 		return code
 	}
@@ -86,9 +90,22 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "virtblk-hook: %v\n", err)
 		return exitUsage
 	}
+	hooks, serveHook, err := sf.hooks(*hooksDir, log)
+	if err != nil {
+		fmt.Fprintf(stderr, "virtblk-hook: %v\n", err)
+		return exitUsage
+	}
+	if serveHook != nil {
+		// A sidecar restarted after a crash gets no new define call:
+		// bring back what it served so QEMU's reconnect finds it.
+		if err := serveHook.Restore(); err != nil {
+			log.Error("restore served disks", "error", err.Error())
+		}
+	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	srv, err := sidecar.New(sidecar.Options{
+		Hooks: hooks,
 		// A directory left at its default may not exist in this kind of
 		// deployment (no plugin volume in a hook sidecar, and the other way
 		// round); one the user named must work.
@@ -163,7 +180,7 @@ func define(api, level string, domainXML, vmiJSON []byte, stdout, stderr io.Writ
 		fmt.Fprintf(stderr, "virtblk-hook: %v\n", err)
 		return exitUsage
 	}
-	out, err := sidecar.NewHandler(nil, log).Define(context.Background(), api, "", domainXML, vmiJSON)
+	out, err := sidecar.NewHandler(renderHooks(), log).Define(context.Background(), api, "", domainXML, vmiJSON)
 	if err != nil {
 		// The handler already logged it; say it plainly too, for a human
 		// at a terminal and for the shim's relayed stderr.

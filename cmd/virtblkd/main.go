@@ -5,6 +5,7 @@
 //
 //	virtblkd serve --socket PATH --file IMG [--queues N] [--queue-size N]
 //	               [--read-only] [--serial ID] [--poll-us N] [--log-level L]
+//	               [--metrics-addr ADDR] [--cpuprofile FILE]
 package main
 
 import (
@@ -17,9 +18,12 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
 	"syscall"
 	"time"
 
+	"github.com/virtblk/virtblk/blkio/metrics"
 	"github.com/virtblk/virtblk/blkio/vhostblk"
 	"github.com/virtblk/virtblk/blkio/vhostuser"
 	"github.com/virtblk/virtblk/blkio/virtioblk"
@@ -69,6 +73,10 @@ type serveConfig struct {
 	serial    string
 	pollUs    int
 	level     slog.Level
+	// metricsAddr is the Prometheus listen address ("" = no metrics).
+	metricsAddr string
+	// cpuProfile is a file for a pprof CPU profile of the whole run.
+	cpuProfile string
 }
 
 func parseServe(args []string, stderr io.Writer) (serveConfig, error) {
@@ -82,6 +90,8 @@ func parseServe(args []string, stderr io.Writer) (serveConfig, error) {
 	fs.BoolVar(&c.readOnly, "read-only", false, "serve the disk read-only")
 	fs.StringVar(&c.serial, "serial", "", "disk serial (GET_ID), at most 20 bytes")
 	fs.IntVar(&c.pollUs, "poll-us", 0, "busy-poll each queue this many microseconds before sleeping (0 = off)")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "", `serve Prometheus /metrics on this address, e.g. ":9090" or "127.0.0.1:0" (empty = off)`)
+	fs.StringVar(&c.cpuProfile, "cpuprofile", "", "write a pprof CPU profile of the whole run to FILE (for performance work)")
 	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -120,7 +130,27 @@ func openVolume(c serveConfig, log *slog.Logger) (storage.Volume, error) {
 	return v, nil
 }
 
+// volumeName labels the disk in metrics: the serial if set, else the
+// image's file name.
+func volumeName(c serveConfig) string {
+	if c.serial != "" {
+		return c.serial
+	}
+	return filepath.Base(c.file)
+}
+
 func serve(ctx context.Context, c serveConfig, log *slog.Logger) error {
+	if c.cpuProfile != "" {
+		f, err := os.Create(c.cpuProfile)
+		if err != nil {
+			return fmt.Errorf("cpu profile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("cpu profile %s: %w", c.cpuProfile, err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	vol, err := openVolume(c, log)
 	if err != nil {
 		return err
@@ -141,12 +171,51 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger) error {
 	defer ln.Close()
 	log.Info("serving", "socket", c.socket, "file", c.file, "size", vol.Size(), "block_size", vol.BlockSize(),
 		"queues", c.queues, "queue_size", c.queueSize, "read_only", dev.Features()&virtioblk.FRO != 0, "poll_us", c.pollUs)
-	srv := vhostuser.NewServer(vhostblk.New(dev), vhostuser.Options{Log: log, Poll: time.Duration(c.pollUs) * time.Microsecond})
+	backend := vhostblk.New(dev)
+	if c.metricsAddr != "" {
+		stopMetrics, err := startMetrics(ctx, c, backend, log)
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+	}
+	srv := vhostuser.NewServer(backend, vhostuser.Options{Log: log, Poll: time.Duration(c.pollUs) * time.Microsecond})
 	if err := srv.Serve(ctx, ln); err != nil {
 		return err
 	}
 	log.Info("stopped: in-flight I/O drained")
 	return nil
+}
+
+// startMetrics opens the metrics port before serving (a bad address fails
+// the start, not a later scrape) and wires the volume's per-queue stats
+// into the backend. The returned stop ends the server and waits for it.
+func startMetrics(ctx context.Context, c serveConfig, b *vhostblk.Backend, log *slog.Logger) (stop func(), err error) {
+	vs, err := metrics.NewVolume(metrics.VolumeOptions{
+		Name: volumeName(c), Socket: c.socket, Queues: c.queues,
+		CapacityBytes: func() uint64 { return b.Volume().Size() },
+	})
+	if err != nil {
+		return nil, err
+	}
+	reg := metrics.NewRegistry()
+	if err := reg.Add(vs); err != nil {
+		return nil, err
+	}
+	ml, err := metrics.Listen(c.metricsAddr)
+	if err != nil {
+		return nil, err
+	}
+	b.Metrics = vs
+	mctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := metrics.ServeListener(mctx, ml, reg, log); err != nil {
+			log.Error("metrics server failed; I/O goes on without it", "err", err)
+		}
+	}()
+	return func() { cancel(); <-done }, nil
 }
 
 // listen binds the socket, replacing a stale socket file left by a process

@@ -63,8 +63,8 @@ func run() error {
 	var (
 		image    = flag.String("image", "/var/tmp/virtblk-bench.img", "benchmark image (created and fully written if missing or of another size)")
 		sizeGiB  = flag.Int("size-gib", 2, "image size in GiB")
-		rounds   = flag.Int("rounds", 3, "rounds; each runs every job on every target, in rotating order")
-		runtime  = flag.Duration("runtime", 6*time.Second, "duration of each job on each target")
+		rounds   = flag.Int("rounds", 5, "rounds; each runs every job on every target, in rotating order")
+		runtime  = flag.Duration("runtime", 4*time.Second, "duration of each job on each target")
 		virtblkd = flag.String("virtblkd", "", "virtblkd binary (empty: skip virtblkd)")
 		qsd      = flag.String("qsd", "qemu-storage-daemon", "qemu-storage-daemon binary (empty: skip qsd)")
 		queues   = flag.Int("queues", 2, "queues each back-end is started with")

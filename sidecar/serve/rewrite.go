@@ -9,12 +9,14 @@
 package serve
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"path/filepath"
 	"strings"
 
 	"github.com/virtblk/virtblk/domainxml"
+	"github.com/virtblk/virtblk/sidecar"
 	"github.com/virtblk/virtblk/sidecar/config"
 )
 
@@ -76,4 +78,23 @@ func Rewrite(domainXML []byte, plan *config.ServePlan, opt RewriteOptions) ([]by
 		return nil, nil, err
 	}
 	return out, []slog.Attr{slog.String("served", strings.Join(names, " "))}, nil
+}
+
+// RenderHook is the serve mode's XML rewrite alone, without starting any
+// server: what `virtblk-hook render` shows for a VMI with virtblk.io/serve.
+type RenderHook struct{ Options RewriteOptions }
+
+// Name implements sidecar.Hook.
+func (RenderHook) Name() string { return "serve" }
+
+// Shutdown implements sidecar.Hook; nothing runs.
+func (RenderHook) Shutdown(context.Context) error { return nil }
+
+// DefineDomain implements sidecar.Hook.
+func (r RenderHook) DefineDomain(_ context.Context, call *sidecar.Call, domainXML []byte) ([]byte, []slog.Attr, error) {
+	out, attrs, err := Rewrite(domainXML, call.Config.Serve, r.Options)
+	if err != nil {
+		return nil, nil, &sidecar.InvalidInputError{Err: err}
+	}
+	return out, attrs, nil
 }

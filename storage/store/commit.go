@@ -247,8 +247,8 @@ func (s *Store) appendJournal(chunks [][]byte, done func(error)) {
 	for i, p := range chunks {
 		bodies[i] = encodeBody(first+uint64(i), s.geo.JournalSlots, p, s.geo.SlotSize)
 	}
-	all(len(bodies), func(i int, d func(error)) {
-		s.disk.Write(s.geo.bodyOffset(first+uint64(i)), bodies[i], d)
+	all(2*len(bodies), func(i int, d func(error)) {
+		s.disk.Write(s.geo.bodyOffset(i%2, first+uint64(i/2)), bodies[i/2], d)
 	}, func(err error) {
 		if err != nil {
 			done(fmt.Errorf("write journal body: %w", err))

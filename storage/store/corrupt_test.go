@@ -105,6 +105,16 @@ func TestCorruptionRepaired(t *testing.T) {
 		{"journal header misdirected", func(f *corruptFixture) {
 			f.disk.CopySector(f.geo.headerOffset(f.last), f.geo.headerOffset(f.cur.Seq+1))
 		}, "header"},
+		{"journal body bit flip", func(f *corruptFixture) { f.disk.FlipBit(f.geo.bodyOffset(0, f.last)+100, 3) }, "body copy 0"},
+		{"journal body sector", func(f *corruptFixture) { f.disk.CorruptSector(f.geo.bodyOffset(1, f.cur.Seq+1)) }, "body copy 1"},
+		{"journal body misdirected", func(f *corruptFixture) {
+			f.disk.CopySector(f.geo.bodyOffset(0, f.cur.Seq), f.geo.bodyOffset(0, f.last))
+		}, "body copy 0"},
+		{"journal body latent error", func(f *corruptFixture) { f.disk.SetLatent(f.geo.bodyOffset(1, f.last)) }, "body copy 1"},
+		{"journal header and one body copy", func(f *corruptFixture) {
+			f.disk.CorruptSector(f.geo.headerOffset(f.last))
+			f.disk.FlipBit(f.geo.bodyOffset(0, f.last)+70, 1)
+		}, "body copy 0"},
 		{"current checkpoint bit flip", func(f *corruptFixture) { f.disk.FlipBit(f.geo.CkptOff[f.cur.Area], 300) }, "previous checkpoint"},
 		{"current checkpoint latent error", func(f *corruptFixture) { f.disk.SetLatent(f.geo.CkptOff[f.cur.Area] + 512) }, "previous checkpoint"},
 	}
@@ -140,14 +150,21 @@ func TestCorruptionRefused(t *testing.T) {
 			f.disk.CorruptSector(blockSize)
 			f.disk.CopySector(0, 2*blockSize)
 		}, "no superblock quorum"},
-		{"journal body bit flip", func(f *corruptFixture) { f.disk.FlipBit(f.geo.bodyOffset(f.last)+100, 3) }, "body at offset"},
-		{"journal body sector", func(f *corruptFixture) { f.disk.CorruptSector(f.geo.bodyOffset(f.cur.Seq + 1)) }, "body at offset"},
-		{"journal body misdirected", func(f *corruptFixture) {
-			f.disk.CopySector(f.geo.bodyOffset(f.cur.Seq), f.geo.bodyOffset(f.last))
-		}, "body at offset"},
-		{"journal body latent error", func(f *corruptFixture) { f.disk.SetLatent(f.geo.bodyOffset(f.last)) }, "body at offset"},
+		{"journal body both copies bit flip", func(f *corruptFixture) {
+			f.disk.FlipBit(f.geo.bodyOffset(0, f.last)+100, 3)
+			f.disk.FlipBit(f.geo.bodyOffset(1, f.last)+200, 3)
+		}, "both body copies"},
+		{"journal body both copies misdirected", func(f *corruptFixture) {
+			f.disk.CopySector(f.geo.bodyOffset(0, f.cur.Seq), f.geo.bodyOffset(0, f.last))
+			f.disk.CorruptSector(f.geo.bodyOffset(1, f.last))
+		}, "both body copies"},
+		{"journal body latent error and bit flip", func(f *corruptFixture) {
+			f.disk.SetLatent(f.geo.bodyOffset(0, f.last))
+			f.disk.FlipBit(f.geo.bodyOffset(1, f.last)+64, 0)
+		}, "both body copies"},
 		{"journal entry lost in the middle", func(f *corruptFixture) {
-			f.disk.CorruptSector(f.geo.bodyOffset(f.cur.Seq + 1))
+			f.disk.CorruptSector(f.geo.bodyOffset(0, f.cur.Seq+1))
+			f.disk.CorruptSector(f.geo.bodyOffset(1, f.cur.Seq+1))
 			f.disk.CorruptSector(f.geo.headerOffset(f.cur.Seq + 1))
 		}, "was committed after it"},
 		{"both checkpoints", func(f *corruptFixture) {

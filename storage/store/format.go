@@ -24,7 +24,7 @@ const (
 	superZoneBytes = superCopies * blockSize
 	// ckptAreas: a new checkpoint goes to the area neither the current nor
 	// the previous checkpoint uses, so writing it never destroys either.
-	ckptAreas = 3
+	ckptAreas      = 3
 	bodyHeaderSize = 64
 	formatVersion  = 1
 
@@ -82,7 +82,7 @@ type Geometry struct {
 	SlotSize     uint32 // S, bytes per journal body
 	CkptSize     uint64 // C, bytes per checkpoint area
 	HeaderOff    uint64
-	BodyOff      uint64
+	BodyOff      [2]uint64 // two copies of the body ring
 	CkptOff      [ckptAreas]uint64
 	DataOff      uint64
 	DataBlocks   uint32 // D, including the unused block 0
@@ -112,8 +112,9 @@ func computeGeometry(size uint64, o FormatOptions) (Geometry, error) {
 		return g, fmt.Errorf("journal geometry %d slots x %d bytes: need >= 8 slots of a multiple of 4096 bytes", g.JournalSlots, g.SlotSize)
 	}
 	g.HeaderOff = superZoneBytes
-	g.BodyOff = g.HeaderOff + roundUp(uint64(g.JournalSlots)*sectorSize, blockSize)
-	fixed := g.BodyOff + uint64(g.JournalSlots)*uint64(g.SlotSize)
+	g.BodyOff[0] = g.HeaderOff + roundUp(uint64(g.JournalSlots)*sectorSize, blockSize)
+	g.BodyOff[1] = g.BodyOff[0] + uint64(g.JournalSlots)*uint64(g.SlotSize)
+	fixed := g.BodyOff[1] + uint64(g.JournalSlots)*uint64(g.SlotSize)
 	if size < fixed+64*blockSize {
 		return g, fmt.Errorf("store size %d too small: need at least %d bytes", size, fixed+64*blockSize)
 	}
@@ -153,8 +154,8 @@ func (g Geometry) validate() error {
 func (g Geometry) headerOffset(seq uint64) uint64 {
 	return g.HeaderOff + (seq%uint64(g.JournalSlots))*sectorSize
 }
-func (g Geometry) bodyOffset(seq uint64) uint64 {
-	return g.BodyOff + (seq%uint64(g.JournalSlots))*uint64(g.SlotSize)
+func (g Geometry) bodyOffset(copy int, seq uint64) uint64 {
+	return g.BodyOff[copy] + (seq%uint64(g.JournalSlots))*uint64(g.SlotSize)
 }
 func (g Geometry) blockOffset(pblock uint32) uint64 {
 	return g.DataOff + uint64(pblock)*blockSize
@@ -181,7 +182,7 @@ type superblock struct {
 	Previous ckptRef
 }
 
-const superEncodedSize = 8 + 4 + 2 + 8 + 16 + 16 + 8 + 4 + 4 + 8 + 8 + 8 + ckptAreas*8 + 8 + 4 + 2*(1+1+8+8+16) + 16
+const superEncodedSize = 8 + 4 + 2 + 8 + 16 + 16 + 8 + 4 + 4 + 8 + 8 + 16 + ckptAreas*8 + 8 + 4 + 2*(1+1+8+8+16) + 16
 
 func putRef(b []byte, r ckptRef) []byte {
 	b = append(b, r.Area, r.Flags)
@@ -207,7 +208,8 @@ func (s *superblock) encode() []byte {
 	b = binary.LittleEndian.AppendUint32(b, g.SlotSize)
 	b = binary.LittleEndian.AppendUint64(b, g.CkptSize)
 	b = binary.LittleEndian.AppendUint64(b, g.HeaderOff)
-	b = binary.LittleEndian.AppendUint64(b, g.BodyOff)
+	b = binary.LittleEndian.AppendUint64(b, g.BodyOff[0])
+	b = binary.LittleEndian.AppendUint64(b, g.BodyOff[1])
 	for _, o := range g.CkptOff {
 		b = binary.LittleEndian.AppendUint64(b, o)
 	}
@@ -280,7 +282,7 @@ func decodeSuperblock(b []byte) (*superblock, error) {
 	copy(s.UUID[:], r.take(16))
 	g := &s.Geo
 	g.DiskSize, g.JournalSlots, g.SlotSize = r.u64(), r.u32(), r.u32()
-	g.CkptSize, g.HeaderOff, g.BodyOff = r.u64(), r.u64(), r.u64()
+	g.CkptSize, g.HeaderOff, g.BodyOff[0], g.BodyOff[1] = r.u64(), r.u64(), r.u64(), r.u64()
 	for a := range g.CkptOff {
 		g.CkptOff[a] = r.u64()
 	}

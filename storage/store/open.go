@@ -30,9 +30,11 @@ func Format(d Disk, fo FormatOptions, o Options) error {
 		return fmt.Errorf("format: write journal headers: %w", err)
 	}
 	zb := alignedBuf(blockSize)
-	for i := range uint64(geo.JournalSlots) {
-		if err := s.writeSync(geo.bodyOffset(i), zb); err != nil {
-			return fmt.Errorf("format: write journal body %d: %w", i, err)
+	for c := range 2 {
+		for i := range uint64(geo.JournalSlots) {
+			if err := s.writeSync(geo.bodyOffset(c, i), zb); err != nil {
+				return fmt.Errorf("format: write journal body %d copy %d: %w", i, c, err)
+			}
 		}
 	}
 	if err := s.flushSync(); err != nil {
@@ -307,46 +309,71 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 			}
 		}
 	}
-	bodies := make([][]byte, n)
-	for i := range n {
-		b := alignedBuf(int(g.SlotSize))
-		if err := s.readSync(g.BodyOff+i*uint64(g.SlotSize), b); err != nil {
-			clear(b) // unreadable: treated as an invalid body
+	var bodies [2][][]byte
+	for c := range 2 {
+		bodies[c] = make([][]byte, n)
+		for i := range n {
+			b := alignedBuf(int(g.SlotSize))
+			if err := s.readSync(g.BodyOff[c]+i*uint64(g.SlotSize), b); err != nil {
+				clear(b) // unreadable: treated as an invalid copy
+			}
+			bodies[c][i] = b
 		}
-		bodies[i] = b
 	}
 	header := func(slot uint64) (ringHeader, bool) {
 		return decodeRingHeader(hbuf[slot*sectorSize : (slot+1)*sectorSize])
 	}
-	var fixHeaders []uint64
+	type fix struct {
+		seq    uint64
+		header bool // rewrite the header
+		copy   int  // rewrite this body copy from the other, or -1
+		good   []byte
+		size   int
+		sum    sum128
+	}
+	var fixes []fix
 	seq := from + 1
 	for ; seq <= from+n; seq++ {
 		slot := seq % n
 		h, hok := header(slot)
 		hok = hok && h.Seq == seq
-		payload, bsum, bok := decodeBody(bodies[slot], seq, g.JournalSlots)
-		if !bok {
-			if hok {
-				return 0, fmt.Errorf("journal entry %d: header at offset %d is valid but body at offset %d is not: %w",
-					seq, g.headerOffset(seq), g.bodyOffset(seq), ErrCorrupt)
+		where := fmt.Sprintf("header at offset %d, body copies at offsets %d and %d",
+			g.headerOffset(seq), g.bodyOffset(0, seq), g.bodyOffset(1, seq))
+		var payload []byte
+		var bsum sum128
+		chosen := -1
+		anyValid := false
+		for c := range 2 {
+			p, sum, ok := decodeBody(bodies[c][slot], seq, g.JournalSlots)
+			anyValid = anyValid || ok
+			if ok && (!hok || sum == h.BodySum) && chosen < 0 {
+				payload, bsum, chosen = p, sum, c
+			}
+		}
+		if chosen < 0 {
+			switch {
+			case hok && anyValid:
+				return 0, fmt.Errorf("journal entry %d: header and body disagree (%s): %w", seq, where, ErrCorrupt)
+			case hok:
+				return 0, fmt.Errorf("journal entry %d: header is valid but both body copies are not (%s): %w", seq, where, ErrCorrupt)
 			}
 			break
 		}
-		if hok && h.BodySum != bsum {
-			return 0, fmt.Errorf("journal entry %d: header at offset %d and body at offset %d disagree: %w",
-				seq, g.headerOffset(seq), g.bodyOffset(seq), ErrCorrupt)
+		f := fix{seq: seq, header: !hok, copy: -1, good: bodies[chosen][slot], size: len(payload), sum: bsum}
+		if _, sum, ok := decodeBody(bodies[1-chosen][slot], seq, g.JournalSlots); !ok || sum != bsum {
+			f.copy = 1 - chosen
 		}
-		if !hok {
-			fixHeaders = append(fixHeaders, seq)
+		if f.header || f.copy >= 0 {
+			fixes = append(fixes, f)
 		}
 		recs, err := decodeRecords(payload)
 		if err != nil {
-			return 0, fmt.Errorf("journal entry %d at offset %d: %w: %w", seq, g.bodyOffset(seq), err, ErrCorrupt)
+			return 0, fmt.Errorf("journal entry %d (%s): %w: %w", seq, where, err, ErrCorrupt)
 		}
 		var sink blockSink
 		for i, r := range recs {
 			if err := s.applyRecord(r, &sink); err != nil {
-				return 0, fmt.Errorf("journal entry %d at offset %d, record %d: %w: %w", seq, g.bodyOffset(seq), i, err, ErrCorrupt)
+				return 0, fmt.Errorf("journal entry %d (%s), record %d: %w: %w", seq, where, i, err, ErrCorrupt)
 			}
 		}
 	}
@@ -358,32 +385,44 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 	// A valid header beyond the stop proves that a committed entry is
 	// missing in between. A valid body without header beyond the stop is
 	// the rest of an interrupted commit and is erased below.
-	var erase []uint64
+	type slotCopy struct {
+		slot uint64
+		copy int
+	}
+	var erase []slotCopy
 	for slot := range n {
 		if h, ok := header(slot); ok && h.Seq >= stop && h.Seq%n == slot {
-			return 0, fmt.Errorf("journal entry %d (body at offset %d, header at offset %d) is missing but entry %d (header at offset %d) was committed after it: %w",
-				stop, g.bodyOffset(stop), g.headerOffset(stop), h.Seq, g.HeaderOff+slot*sectorSize, ErrCorrupt)
+			return 0, fmt.Errorf("journal entry %d (body at offsets %d and %d, header at offset %d) is missing but entry %d (header at offset %d) was committed after it: %w",
+				stop, g.bodyOffset(0, stop), g.bodyOffset(1, stop), g.headerOffset(stop), h.Seq, g.HeaderOff+slot*sectorSize, ErrCorrupt)
 		}
-		if bs, ok := bodyClaims(bodies[slot], g.JournalSlots, slot); ok && bs >= stop {
-			erase = append(erase, slot)
-		}
-	}
-	for _, seq := range fixHeaders {
-		slot := seq % n
-		_, bsum, _ := decodeBody(bodies[slot], seq, g.JournalSlots)
-		p, _, _ := decodeBody(bodies[slot], seq, g.JournalSlots)
-		h := ringHeader{Seq: seq, Size: uint32(len(p)), BodySum: bsum}
-		if err := s.writeSync(g.headerOffset(seq), h.encode()); err != nil {
-			return 0, fmt.Errorf("repair journal header %d: %w", seq, err)
-		}
-		s.note("journal entry %d: header at offset %d was damaged; rewrote it from the intact body", seq, g.headerOffset(seq))
-	}
-	for _, slot := range erase {
-		if err := s.writeSync(g.BodyOff+slot*uint64(g.SlotSize), alignedBuf(blockSize)); err != nil {
-			return 0, fmt.Errorf("erase interrupted journal body in slot %d: %w", slot, err)
+		for c := range 2 {
+			if bs, ok := bodyClaims(bodies[c][slot], g.JournalSlots, slot); ok && bs >= stop {
+				erase = append(erase, slotCopy{slot, c})
+			}
 		}
 	}
-	if len(fixHeaders)+len(erase) > 0 {
+	for _, f := range fixes {
+		if f.copy >= 0 {
+			off := g.bodyOffset(f.copy, f.seq)
+			if err := s.writeSync(off, f.good); err != nil {
+				return 0, fmt.Errorf("repair journal body %d copy %d: %w", f.seq, f.copy, err)
+			}
+			s.note("journal entry %d: body copy %d at offset %d was damaged; rewrote it from the other copy", f.seq, f.copy, off)
+		}
+		if f.header {
+			h := ringHeader{Seq: f.seq, Size: uint32(f.size), BodySum: f.sum}
+			if err := s.writeSync(g.headerOffset(f.seq), h.encode()); err != nil {
+				return 0, fmt.Errorf("repair journal header %d: %w", f.seq, err)
+			}
+			s.note("journal entry %d: header at offset %d was damaged; rewrote it from the intact body", f.seq, g.headerOffset(f.seq))
+		}
+	}
+	for _, e := range erase {
+		if err := s.writeSync(g.BodyOff[e.copy]+e.slot*uint64(g.SlotSize), alignedBuf(blockSize)); err != nil {
+			return 0, fmt.Errorf("erase interrupted journal body in slot %d copy %d: %w", e.slot, e.copy, err)
+		}
+	}
+	if len(fixes)+len(erase) > 0 {
 		if err := s.flushSync(); err != nil {
 			return 0, fmt.Errorf("flush journal repair: %w", err)
 		}
