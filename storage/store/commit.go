@@ -21,6 +21,12 @@ type committer struct {
 	sb      superblock
 
 	durableSeq atomic.Uint64
+	// held are the blocks freed by the newest journal entry. They are
+	// released only when the next entry commits: until then Open may have
+	// to check the data of that entry (see replay), which must not have
+	// been overwritten.
+	held      blockSink
+	heldCount atomic.Int64
 	// forceCkpt makes the next commit take a checkpoint (tests, benchmarks).
 	forceCkpt atomic.Bool
 }
@@ -105,7 +111,7 @@ func (s *Store) flush(done func(error)) {
 // on a real disk a goroutine calls it periodically.
 func (s *Store) Tick() {
 	s.reclaim()
-	if s.pending.Load() > 0 {
+	if s.pending.Load() > 0 || s.c.heldCount.Load() > 0 {
 		s.kick()
 	}
 }
@@ -168,12 +174,13 @@ func (s *Store) commit(w []func(error)) {
 	n := uint64(s.geo.JournalSlots)
 	capture := s.c.nextSeq-1-s.c.sb.Current.Seq >= n/4 || s.journalRoom() < n/2 || s.c.forceCkpt.Swap(false)
 	cut := s.cut(capture)
-	if len(cut.recs) == 0 && !capture {
-		s.retire(cut.frees)
+	if len(cut.recs) == 0 && !capture && len(cut.frees) == 0 && len(s.c.held) == 0 {
 		s.commitDone(w, nil)
 		return
 	}
 	chunks := s.encodeChunks(cut.recs)
+	s.log.Debug("commit", "first_seq", s.c.nextSeq, "chunks", len(chunks), "records", len(cut.recs),
+		"frees", len(cut.frees), "checkpoint", capture, "room", s.journalRoom())
 	if uint64(len(chunks)) > s.journalRoom() {
 		// The ring would overwrite entries a fallback needs: commit this
 		// cut through a checkpoint that disallows fallback instead.
@@ -191,6 +198,7 @@ func (s *Store) commit(w []func(error)) {
 			}
 			s.writeCheckpoint(cut, ckptNoFallback, func(err error) {
 				if err == nil {
+					s.releaseHeld(nil)
 					s.retire(cut.frees)
 				}
 				s.commitDone(w, err)
@@ -198,27 +206,31 @@ func (s *Store) commit(w []func(error)) {
 		})
 		return
 	}
-	s.disk.Flush(func(err error) {
+	// Every data write the records point at completed before the cut, so
+	// the flush after the body writes makes data and bodies durable
+	// together; the header that commits them is written after it.
+	s.appendJournal(chunks, func(err error) {
 		if err != nil {
 			s.dropCaptured(cut.captured)
-			s.commitDone(w, fmt.Errorf("flush data before journal: %w", err))
+			s.commitDone(w, err)
 			return
 		}
-		s.appendJournal(chunks, func(err error) {
-			if err != nil {
-				s.dropCaptured(cut.captured)
-				s.commitDone(w, err)
-				return
-			}
-			s.stats.commits.Add(1)
-			s.retire(cut.frees)
-			if !capture {
-				s.commitDone(w, nil)
-				return
-			}
-			s.writeCheckpoint(cut, 0, func(err error) { s.commitDone(w, err) })
-		})
+		s.stats.commits.Add(1)
+		s.releaseHeld(cut.frees)
+		if !capture {
+			s.commitDone(w, nil)
+			return
+		}
+		s.writeCheckpoint(cut, 0, func(err error) { s.commitDone(w, err) })
 	})
+}
+
+// releaseHeld retires the blocks the previous entry freed, now that a
+// later entry has committed, and holds next in their place.
+func (s *Store) releaseHeld(next blockSink) {
+	s.retire(s.c.held)
+	s.c.held = next
+	s.c.heldCount.Store(int64(len(next)))
 }
 
 func (s *Store) encodeChunks(recs []record) [][]byte {
@@ -239,8 +251,9 @@ func (s *Store) encodeChunks(recs []record) [][]byte {
 	return chunks
 }
 
-// appendJournal writes the bodies, flushes, writes their redundant headers
-// and flushes again, so a header exists only for a durable body.
+// appendJournal writes both copies of the bodies, flushes (which also
+// covers the data the records map), writes the redundant headers and
+// flushes again, so a header exists only for a durable body and data.
 func (s *Store) appendJournal(chunks [][]byte, done func(error)) {
 	first := s.c.nextSeq
 	bodies := make([][]byte, len(chunks))
@@ -351,6 +364,7 @@ func (s *Store) writeCheckpoint(cut cutResult, flags uint8, done func(error)) {
 			nsb.Sequence++
 			nsb.Parent = s.c.sb.sum()
 			nsb.Previous, nsb.Current = s.c.sb.Current, ref
+			s.log.Debug("checkpoint written", "seq", seq, "area", area, "size", len(blob), "flags", flags)
 			s.writeSuperblock(nsb, func(err error) {
 				if err == nil {
 					s.c.sb = nsb

@@ -92,6 +92,9 @@ type Geometry struct {
 type FormatOptions struct {
 	JournalSlots uint32 // default 256
 	SlotSize     uint32 // default 64 KiB
+	// UUID identifies the store; zero means random (the simulator sets it so
+	// a seed reproduces the disk byte for byte).
+	UUID [16]byte
 	// CkptSize per area; default room for DataBlocks/64+16 leaves (4x what
 	// a fully written store needs) and twice as many leaf references.
 	CkptSize uint64

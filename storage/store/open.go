@@ -40,9 +40,11 @@ func Format(d Disk, fo FormatOptions, o Options) error {
 	if err := s.flushSync(); err != nil {
 		return fmt.Errorf("format: flush: %w", err)
 	}
-	sb := superblock{Sequence: 1, Geo: geo}
-	if _, err := rand.Read(sb.UUID[:]); err != nil {
-		return err
+	sb := superblock{Sequence: 1, Geo: geo, UUID: fo.UUID}
+	if sb.UUID == ([16]byte{}) {
+		if _, err := rand.Read(sb.UUID[:]); err != nil {
+			return err
+		}
 	}
 	ref := ckptRef{Seq: 0, Size: uint64(len(blob)), Sum: checksum(blob)}
 	sb.Current, sb.Previous = ref, ref
@@ -332,6 +334,14 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 		sum    sum128
 	}
 	var fixes []fix
+	// The newest committed entry: a header names it, or the current
+	// checkpoint covers it.
+	committed := sb.Current.Seq
+	for slot := range n {
+		if h, ok := header(slot); ok && h.Seq%n == slot && h.Seq > committed && h.Seq <= from+n {
+			committed = h.Seq
+		}
+	}
 	seq := from + 1
 	for ; seq <= from+n; seq++ {
 		slot := seq % n
@@ -359,16 +369,29 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 			}
 			break
 		}
+		recs, err := decodeRecords(payload)
+		if err != nil {
+			return 0, fmt.Errorf("journal entry %d (%s): %w: %w", seq, where, err, ErrCorrupt)
+		}
+		if !hok && seq > committed {
+			// No header and nothing committed after it: either the commit
+			// crashed between its body flush and its header (bodies and
+			// data durable), or before that flush, or the header was lost.
+			// Replay only if every data block the entry maps is intact;
+			// otherwise it was never committed and the log ends here. Its
+			// superseded blocks are intact too: blocks an entry frees are
+			// reused only after the next entry commits.
+			if bad := s.verifyEntryData(recs); bad != "" {
+				s.log.Info("journal tail entry without header has unflushed data; truncating", "seq", seq, "block", bad)
+				break
+			}
+		}
 		f := fix{seq: seq, header: !hok, copy: -1, good: bodies[chosen][slot], size: len(payload), sum: bsum}
 		if _, sum, ok := decodeBody(bodies[1-chosen][slot], seq, g.JournalSlots); !ok || sum != bsum {
 			f.copy = 1 - chosen
 		}
 		if f.header || f.copy >= 0 {
 			fixes = append(fixes, f)
-		}
-		recs, err := decodeRecords(payload)
-		if err != nil {
-			return 0, fmt.Errorf("journal entry %d (%s): %w: %w", seq, where, err, ErrCorrupt)
 		}
 		var sink blockSink
 		for i, r := range recs {
@@ -431,6 +454,29 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 }
 
 var errBadRecord = errors.New("record does not apply")
+
+// verifyEntryData reads every data block the entry's records map and
+// returns a description of the first one that is unreadable or fails its
+// checksum, or "" when all are intact.
+func (s *Store) verifyEntryData(recs []record) string {
+	buf := alignedBuf(blockSize)
+	for _, r := range recs {
+		if r.kind != recSet || r.entry == 0 {
+			continue
+		}
+		p := entryBlock(r.entry)
+		if p == 0 || p >= s.geo.DataBlocks {
+			return fmt.Sprintf("physical block %d out of range", p)
+		}
+		if err := s.readSync(s.geo.blockOffset(p), buf); err != nil {
+			return fmt.Sprintf("physical block %d: %v", p, err)
+		}
+		if dataCRC(p, buf) != entryCRC(r.entry) {
+			return fmt.Sprintf("physical block %d: checksum mismatch", p)
+		}
+	}
+	return ""
+}
 
 // applyRecord replays one journal record during recovery.
 func (s *Store) applyRecord(r record, sink *blockSink) error {
