@@ -15,6 +15,7 @@ import (
 const usage = `usage: virtblk COMMAND [flags]
 
 commands:
+  demo                           both halves of virtblk on this machine, no cluster
   bench                          load-test a back-end or raw file
   store create                   create a block store
   volume create|list|delete|resize
@@ -43,6 +44,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	var err error
 	switch args[0] {
+	case "demo":
+		err = runDemo(ctx, args[1:], stdout, stderr)
 	case "bench":
 		err = runBench(ctx, args[1:], stdout, stderr)
 	case "store":
