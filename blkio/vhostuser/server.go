@@ -497,6 +497,9 @@ func (st *connState) newQueue(i int) (*virtq.Queue, error) {
 	return virtq.New(virtq.Config{
 		Size: n, Desc: desc, Avail: avail, Used: used, Mem: st.mem,
 		EventIdx: st.acked&featEventIdx != 0, Indirect: st.acked&featIndirect != 0,
+		// Indirect tables follow the device's seg_max, which can exceed the
+		// ring size the front-end chose.
+		MaxChain: virtq.MaxChainLimit,
 	}, v.base)
 }
 

@@ -36,6 +36,10 @@ const descSize = 16
 // MaxSize is the largest split queue we accept (the spec's limit).
 const MaxSize = 32768
 
+// MaxChainLimit bounds any descriptor chain, as QEMU's VIRTQUEUE_MAX_SIZE
+// does: it keeps a looping or over-long chain from pinning a worker.
+const MaxChainLimit = 1024
+
 // ErrBroken is wrapped by every error that means the driver violated the
 // ring protocol; the device must stop the queue and ask for a reset.
 var ErrBroken = errors.New("virtqueue broken by driver")
@@ -51,7 +55,10 @@ type Config struct {
 	EventIdx bool // VIRTIO_F_EVENT_IDX negotiated
 	Indirect bool // VIRTIO_F_INDIRECT_DESC negotiated
 	// MaxChain bounds the descriptors of one chain, indirect entries
-	// included; 0 means Size.
+	// included; 0 means Size. It may exceed Size: a driver sizes indirect
+	// tables from the device's seg_max, not from the ring size the
+	// front-end picked (Linux with queue-size=128 and seg_max=254 sends
+	// 163-entry tables). At most MaxChainLimit.
 	MaxChain int
 }
 
@@ -97,9 +104,10 @@ func New(cfg Config, base uint16) (*Queue, error) {
 		return nil, fmt.Errorf("queue size %d: ring areas misaligned (desc %#x, avail %#x, used %#x)", n, addr(cfg.Desc), addr(cfg.Avail), addr(cfg.Used))
 	}
 	mc := cfg.MaxChain
-	if mc <= 0 || mc > int(n) {
+	if mc <= 0 {
 		mc = int(n)
 	}
+	mc = min(mc, MaxChainLimit)
 	q := &Queue{
 		size: n, mask: n - 1, desc: cfg.Desc, avail: cfg.Avail, used: cfg.Used, mem: cfg.Mem,
 		eventIdx: cfg.EventIdx, indirect: cfg.Indirect, maxChain: mc,
@@ -183,9 +191,10 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 	// The acquire load of avail.idx in Pending orders the reads below.
 	head := binary.LittleEndian.Uint16(q.avail[4+2*int(q.lastAvail&q.mask):])
 	q.lastAvail++
-	if q.eventIdx {
-		q.setAvailEvent(q.lastAvail)
-	}
+	// avail_event is left where EnableNotify put it: while the device is
+	// awake and draining, the driver's later buffers pass an old event
+	// index and it does not kick (a kick costs the guest a VM exit and the
+	// device a wakeup). EnableNotify moves it up before the device sleeps.
 	if err := q.Walk(head, c); err != nil {
 		return false, err
 	}
@@ -338,8 +347,8 @@ func (q *Queue) EnableNotify() (bool, error) {
 }
 
 // DisableNotify asks the driver not to kick while the device is polling.
-// With EVENT_IDX, moving avail_event only as buffers are consumed already
-// suppresses kicks, so there is nothing to do.
+// With EVENT_IDX there is nothing to do: avail_event only moves in
+// EnableNotify, so once the driver has kicked past it, it stays quiet.
 func (q *Queue) DisableNotify() {
 	if q.eventIdx || q.noNotify {
 		return

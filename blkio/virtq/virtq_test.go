@@ -240,8 +240,13 @@ func TestNotifyEventIdx(t *testing.T) {
 	for i := 0; i < 4; i++ {
 		q.Next(&c)
 	}
-	if d.AvailEvent() != 4 {
-		t.Fatalf("avail_event %d, want 4", d.AvailEvent())
+	// While the device drains, avail_event stays put (kicks suppressed);
+	// EnableNotify moves it to the next buffer before the device sleeps.
+	if d.AvailEvent() != 0 {
+		t.Fatalf("avail_event %d while draining, want 0", d.AvailEvent())
+	}
+	if more, _ := q.EnableNotify(); more || d.AvailEvent() != 4 {
+		t.Fatalf("after EnableNotify: more %v, avail_event %d, want false, 4", more, d.AvailEvent())
 	}
 	// First notification always goes out.
 	q.Push(heads[0], 1)
@@ -386,4 +391,41 @@ func FuzzWalk(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Linux sizes indirect tables from the device's seg_max, which may exceed
+// the ring size QEMU picked (queue-size=128 with seg_max=254): such a table
+// is legal and must be served, up to the configured MaxChain.
+func TestIndirectTableLongerThanRing(t *testing.T) {
+	g, err := vt.NewGuest(1 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	d := vt.NewDriver(g, 8, false)
+	cfg := d.Config()
+	cfg.MaxChain = 64
+	q, err := virtq.New(cfg, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(n int) []vt.Buf {
+		bufs := make([]vt.Buf, n)
+		for i := range bufs {
+			gpa, _ := g.Alloc(512, 512)
+			bufs[i] = vt.Buf{GPA: gpa, Len: 512, Write: i == n-1}
+		}
+		return bufs
+	}
+	h, _ := d.AddIndirect(mk(40))
+	d.Submit(h)
+	var c virtq.Chain
+	if ok, err := q.Next(&c); !ok || err != nil || len(c.Readable)+len(c.Writable) != 40 {
+		t.Fatalf("40-entry table on an 8-entry ring: ok=%v err=%v chain=%d+%d", ok, err, len(c.Readable), len(c.Writable))
+	}
+	h, _ = d.AddIndirect(mk(65))
+	d.Submit(h)
+	if _, err := q.Next(&c); !errors.Is(err, virtq.ErrBroken) {
+		t.Fatalf("65-entry table with MaxChain 64: err=%v, want ErrBroken", err)
+	}
 }

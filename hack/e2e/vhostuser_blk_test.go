@@ -230,6 +230,13 @@ func TestVhostUserBlkGuest(t *testing.T) {
 	img := vuImage(t, dir)
 	sock := filepath.Join(dir, "vu.sock")
 	d := vuStart(t, bin, sock, img)
+	// vmtest fails the test itself on a guest timeout; the back-end's log
+	// is what explains a stuck guest, so print it on any failure.
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("virtblkd log:\n%s", vuTail(d.logs(), 8000))
+		}
+	})
 
 	hostPattern := make([]byte, vuMiB)
 	rand.New(rand.NewSource(42)).Read(hostPattern)
