@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -26,6 +27,13 @@ const (
 	// maxRetries bounds resubmissions of a request that makes no progress
 	// (EAGAIN/EINTR results).
 	maxRetries = 100
+	// syncFlushMax is the longest flush that may run inline on an idle
+	// queue; a slower device gets its flushes through io_uring, so they do
+	// not hold up the queue's next requests.
+	syncFlushMax = 500 * time.Microsecond
+	// flushProbeEvery: after a slow inline flush, one flush in this many
+	// is tried inline again.
+	flushProbeEvery = 64
 )
 
 // slot is one in-flight request. Its index is the SQE user data, so no Go
@@ -62,7 +70,11 @@ type queue struct {
 	noZeroRange bool
 	// noBlkDiscard: the discard command failed with EOPNOTSUPP; use punch.
 	noBlkDiscard bool
-	closed       bool
+	// slowFlush: the last inline flush took longer than syncFlushMax, so
+	// flushes go through the ring (flushSkips counts them, for probing).
+	slowFlush  bool
+	flushSkips uint32
+	closed     bool
 }
 
 func newQueue(v *Volume, depth int) (*queue, error) {
@@ -119,7 +131,10 @@ func (q *queue) Submit(reqs []storage.Request) error {
 	// kernel thread and signal us back, two thread wake-ups that are a
 	// large part of a QD1 write+flush. Nothing else of this queue waits
 	// behind it, since nothing else is in flight.
-	syncFlush := len(reqs) == 1 && reqs[0].Op == storage.OpFlush && len(q.free) == q.depth
+	// A device whose cache flush is slow (milliseconds on a disk with a
+	// volatile cache) would stall this queue's next requests that long, so
+	// the synchronous path is only taken while flushes are fast.
+	syncFlush := len(reqs) == 1 && reqs[0].Op == storage.OpFlush && len(q.free) == q.depth && q.flushFastNow()
 	for i := range reqs {
 		idx := q.free[len(q.free)-1]
 		q.free = q.free[:len(q.free)-1]
@@ -185,17 +200,32 @@ func (q *queue) start(idx uint32, s *slot) {
 	q.sqe().PrepNop(uint64(idx))
 }
 
+// flushFastNow reports whether an idle-queue flush should run inline: yes
+// while the last inline flush took at most syncFlushMax, and for one probe
+// in every flushProbeEvery flushes after a slow one (devices change).
+func (q *queue) flushFastNow() bool {
+	if !q.slowFlush {
+		return true
+	}
+	q.flushSkips++
+	return q.flushSkips%flushProbeEvery == 0
+}
+
 // flushNow runs the flush in slot idx synchronously and completes it
 // through a NOP, like a rejected request, so the caller sees it in Reap.
 func (q *queue) flushNow(idx uint32, s *slot) {
 	var err error
+	start := time.Now()
 	for {
 		if err = unix.Fdatasync(q.v.fd); err != unix.EINTR {
 			break
 		}
 	}
-	if err != nil {
-		s.err = q.reqErr(s, errnoErr(err.(syscall.Errno)))
+	q.slowFlush = time.Since(start) > syncFlushMax
+	if errno, ok := err.(syscall.Errno); ok {
+		s.err = q.reqErr(s, errnoErr(errno))
+	} else if err != nil {
+		s.err = q.reqErr(s, err)
 	}
 	s.nop = true
 	q.sqe().PrepNop(uint64(idx))

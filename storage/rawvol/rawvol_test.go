@@ -669,3 +669,71 @@ func TestLoopDevice(t *testing.T) {
 		}
 	}
 }
+
+// A flush alone on an idle queue runs synchronously; one submitted while
+// a write is in flight goes through the ring. Both complete once, with
+// their own tag, and the written data is in the file.
+func TestFlushIdleAndBusy(t *testing.T) {
+	path := imageFile(t, 1<<20)
+	v := openVol(t, path, Options{})
+	q := openQ(t, v, 4)
+	buf := mem(t, 4096)
+	pattern(buf, 5)
+	if err := do1(t, q, storage.Request{Op: storage.OpFlush, Tag: 9}); err != nil {
+		t.Fatalf("flush on an idle queue: %v", err)
+	}
+	if err := q.Submit([]storage.Request{{Op: storage.OpWrite, Bufs: [][]byte{buf}, Tag: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Submit([]storage.Request{{Op: storage.OpFlush, Tag: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	out := make([]storage.Completion, 4)
+	seen := map[uint64]int{}
+	for got := 0; got < 2; {
+		n, err := q.Reap(out, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range out[:n] {
+			if c.Err != nil {
+				t.Errorf("request %d: %v", c.Tag, c.Err)
+			}
+			seen[c.Tag]++
+		}
+		got += n
+	}
+	if seen[1] != 1 || seen[2] != 1 || len(seen) != 2 {
+		t.Fatalf("completions %v, want tags 1 and 2 once each", seen)
+	}
+	f, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(f[:4096], buf) {
+		t.Fatal("written data not in the image after the flush")
+	}
+}
+
+// After a slow inline flush, flushes go through the ring except one probe
+// in every flushProbeEvery; a fast probe brings the inline path back.
+func TestFlushFastNowProbes(t *testing.T) {
+	q := &queue{}
+	if !q.flushFastNow() {
+		t.Fatal("fresh queue does not flush inline")
+	}
+	q.slowFlush = true
+	inline := 0
+	for i := 0; i < 10*flushProbeEvery; i++ {
+		if q.flushFastNow() {
+			inline++
+		}
+	}
+	if inline != 10 {
+		t.Fatalf("%d inline flushes in %d after a slow one, want 10", inline, 10*flushProbeEvery)
+	}
+	q.slowFlush = false
+	if !q.flushFastNow() {
+		t.Fatal("fast again but not inline")
+	}
+}

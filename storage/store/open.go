@@ -316,8 +316,16 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 		bodies[c] = make([][]byte, n)
 		for i := range n {
 			b := alignedBuf(int(g.SlotSize))
-			if err := s.readSync(g.BodyOff[c]+i*uint64(g.SlotSize), b); err != nil {
-				clear(b) // unreadable: treated as an invalid copy
+			off := g.BodyOff[c] + i*uint64(g.SlotSize)
+			if err := s.readSync(off, b); err != nil {
+				// A latent error somewhere in the slot: read it block by
+				// block so an error in the unused tail does not hide the
+				// body; an unreadable block reads as zeroes (invalid).
+				for o := 0; o < len(b); o += blockSize {
+					if s.readSync(off+uint64(o), b[o:o+blockSize]) != nil {
+						clear(b[o : o+blockSize])
+					}
+				}
 			}
 			bodies[c][i] = b
 		}

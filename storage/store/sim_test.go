@@ -255,9 +255,21 @@ func (h *harness) pick(writable bool) *vmodel {
 	return c[h.rng.IntN(len(c))]
 }
 
-// readExpectErr reports whether a failed read of volume block lb is
-// explained by an injected fault at its physical block.
-func (h *harness) faultExplains(name string, lb uint32) bool {
+var physRE = regexp.MustCompile(`physical block (\d+)`)
+
+// faultExplains reports whether a failed I/O on volume block lb is
+// explained by an injected fault at the physical block the error names (the
+// map may have moved on since the read looked it up) or at the block lb
+// maps now.
+func (h *harness) faultExplains(name string, lb uint32, err error) bool {
+	if err != nil {
+		for _, m := range physRE.FindAllStringSubmatch(err.Error(), -1) {
+			p, _ := strconv.ParseUint(m[1], 10, 32)
+			if h.disk.Faulted(h.geo.blockOffset(uint32(p)), blockSize) {
+				return true
+			}
+		}
+	}
 	v := h.s.table().byName[name]
 	if v == nil {
 		return false
@@ -310,7 +322,7 @@ func (h *harness) issueIO() {
 					h.fatalf("read %q at %d: error %v does not wrap storage.ErrIO", m.name, off, err)
 				}
 				for lb := uint32(off / blockSize); uint64(lb)*blockSize < off+length; lb++ {
-					if h.faultExplains(m.name, lb) {
+					if h.faultExplains(m.name, lb, err) {
 						h.readErr++
 						return
 					}
@@ -352,7 +364,7 @@ func (h *harness) issueIO() {
 				// faulted block; the sectors keep their old contents.
 				explained := false
 				for lb := uint32(off / blockSize); uint64(lb)*blockSize < off+length; lb++ {
-					explained = explained || h.faultExplains(m.name, lb)
+					explained = explained || h.faultExplains(m.name, lb, err)
 				}
 				if !explained || !errors.Is(err, storage.ErrIO) {
 					h.fatalf("write %q at %d+%d: %v", m.name, off, length, err)
@@ -532,7 +544,7 @@ func (h *harness) crash() {
 	}
 }
 
-var offsetRE = regexp.MustCompile(`offset (\d+)`)
+var offsetRE = regexp.MustCompile(`(?:offsets?|and) (\d+)`)
 
 // refusalExplained reports whether an injected fault lies in a structure
 // the refusal names: the superblock zone for a lost quorum, otherwise the
@@ -649,7 +661,7 @@ func (h *harness) verifyVolume(m *vmodel) {
 		err := waitIO(h.opts.Pump, func(done func(error)) { vol.ReadAt(buf[off:off+blockSize], off, done) })
 		lb := uint32(off / blockSize)
 		if err != nil {
-			if errors.Is(err, storage.ErrIO) && h.faultExplains(m.name, lb) {
+			if errors.Is(err, storage.ErrIO) && h.faultExplains(m.name, lb, err) {
 				h.readErr++
 				// Unreadable: any allowed value stays allowed.
 				continue
