@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"math/rand"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -74,7 +77,9 @@ func TestServeSidecarGuest(t *testing.T) {
 	}
 
 	dom := hooktest.Domain(t, "block-multiqueue")
-	vmi := hooktest.VMI(t, map[string]string{"virtblk.io/serve": "data:64Mi", "virtblk.io/iothreads": "2"})
+	port := srvFreePort(t)
+	vmi := hooktest.VMI(t, map[string]string{"virtblk.io/serve": "data:64Mi", "virtblk.io/iothreads": "2",
+		"virtblk.io/metrics-port": strconv.Itoa(port)})
 	cb := v1alpha3.NewCallbacksClient(conn)
 	var outs [][]byte
 	in := dom
@@ -108,7 +113,7 @@ func TestServeSidecarGuest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	socket, queues := srvVhostDisk(t, final, "ua-data")
+	socket, queues, queueSize := srvVhostDisk(t, final, "ua-data")
 	if want := computeDir + "/vhost/data.sock"; socket != want {
 		t.Fatalf("disk socket %q, want %q", socket, want)
 	}
@@ -131,7 +136,7 @@ func TestServeSidecarGuest(t *testing.T) {
 			"-object", "memory-backend-memfd,id=mem,size=512M,share=on",
 			"-numa", "node,memdev=mem",
 			"-chardev", "socket,id=vu0,path=" + hostSock + ",reconnect=1",
-			"-device", "vhost-user-blk-pci,chardev=vu0,num-queues=" + strconv.Itoa(int(queues)),
+			"-device", "vhost-user-blk-pci,chardev=vu0,num-queues=" + strconv.Itoa(int(queues)) + ",queue-size=" + strconv.Itoa(int(queueSize)),
 		},
 		Script:  srvGuestScript,
 		Files:   map[string][]byte{"/p1": p1, "/p2": p2},
@@ -154,6 +159,18 @@ func TestServeSidecarGuest(t *testing.T) {
 		if !strings.Contains(side.stderr.String(), want) {
 			t.Errorf("restarted sidecar did not log %q:\n%s", want, side.stderr.String())
 		}
+	}
+
+	// The restarted sidecar serves the metrics port again, with the
+	// guest's phase-2 writes on it.
+	resp, err := http.Get("http://127.0.0.1:" + strconv.Itoa(port) + "/metrics")
+	if err != nil {
+		t.Fatalf("scrape metrics: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !regexp.MustCompile(`virtblk_requests_total\{volume="data",queue="\d+",op="write"\} [1-9]`).Match(body) {
+		t.Errorf("no write requests of volume data in the metrics:\n%s", body)
 	}
 
 	// virt-launcher's Shutdown after QEMU exits: the process exits 0.
@@ -366,8 +383,9 @@ func srvCanonical(t *testing.T, domXML []byte) []byte {
 	return out
 }
 
-// srvVhostDisk returns the socket and queue count of a vhost-user disk.
-func srvVhostDisk(t *testing.T, dom *libvirtxml.Domain, alias string) (string, uint) {
+// srvVhostDisk returns the socket, queue count and queue size of a
+// vhost-user disk, as libvirt would pass them to QEMU.
+func srvVhostDisk(t *testing.T, dom *libvirtxml.Domain, alias string) (string, uint, uint) {
 	t.Helper()
 	for _, d := range dom.Devices.Disks {
 		if d.Alias == nil || d.Alias.Name != alias {
@@ -376,13 +394,13 @@ func srvVhostDisk(t *testing.T, dom *libvirtxml.Domain, alias string) (string, u
 		if d.Source == nil || d.Source.VHostUser == nil || d.Source.VHostUser.UNIX == nil {
 			t.Fatalf("disk %s is not a vhost-user disk: %+v", alias, d.Source)
 		}
-		if d.Driver == nil || d.Driver.Queues == nil {
-			t.Fatalf("disk %s has no queue count", alias)
+		if d.Driver == nil || d.Driver.Queues == nil || d.Driver.QueueSize == nil {
+			t.Fatalf("disk %s has no queue count or queue size: %+v", alias, d.Driver)
 		}
-		return d.Source.VHostUser.UNIX.Path, *d.Driver.Queues
+		return d.Source.VHostUser.UNIX.Path, *d.Driver.Queues, *d.Driver.QueueSize
 	}
 	t.Fatalf("no disk %s", alias)
-	return "", 0
+	return "", 0, 0
 }
 
 // srvReadVolume reads n bytes at off of a store volume, through the store
@@ -410,6 +428,16 @@ func srvReadVolume(t *testing.T, path, volume string, off uint64, n int) []byte 
 		t.Fatal(err)
 	}
 	return buf
+}
+
+func srvFreePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }
 
 func slicesContain(s []string, v string) bool {

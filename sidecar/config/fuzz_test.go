@@ -98,7 +98,7 @@ func checkServe(t *testing.T, sp *ServePlan) {
 		t.Fatalf("serve plan with %d disks", len(sp.Disks))
 	}
 	for _, d := range sp.Disks {
-		if !validDiskName(d.Name) || d.Alias != AliasPrefix+d.Name {
+		if !ValidDiskName(d.Name) || d.Alias != AliasPrefix+d.Name {
 			t.Fatalf("bad served disk name %+v", d)
 		}
 		if d.Size == 0 || d.Size%VolumeBlockSize != 0 || d.Size > MaxVolumeBytes {

@@ -88,7 +88,7 @@ func parseServe(s *settings, key, _, raw string) *Error {
 		if !ok || name == "" || sizeStr == "" {
 			return &Error{key, raw, fmt.Sprintf("%q is not disk:size", part), fix}
 		}
-		if !validDiskName(name) {
+		if !ValidDiskName(name) {
 			return &Error{key, raw, fmt.Sprintf("disk name %q is not a DNS label (lower-case letters, digits and '-', at most %d characters)", name, maxDiskNameLen), fix}
 		}
 		if seen[name] {
@@ -131,9 +131,9 @@ func parseVolumeSize(v string) (uint64, string) {
 	return size, ""
 }
 
-// validDiskName accepts what KubeVirt accepts for a disk name (a DNS-1123
+// ValidDiskName accepts what KubeVirt accepts for a disk name (a DNS-1123
 // label). It also keeps the name safe as a file name and a store volume name.
-func validDiskName(name string) bool {
+func ValidDiskName(name string) bool {
 	if name == "" || len(name) > maxDiskNameLen {
 		return false
 	}

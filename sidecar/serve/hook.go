@@ -10,9 +10,11 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/virtblk/virtblk/blkio/metrics"
 	"github.com/virtblk/virtblk/blkio/vhostblk"
 	"github.com/virtblk/virtblk/blkio/vhostuser"
 	"github.com/virtblk/virtblk/blkio/virtioblk"
@@ -31,13 +33,21 @@ const (
 	DefaultReconnectSeconds = 1
 	// DefaultQEMUGroup is the qemu group in virt-launcher.
 	DefaultQEMUGroup = 107
-	// queueSize is the largest virtqueue the back-end accepts; QEMU's
-	// vhost-user-blk uses 128 unless <driver queue_size> says otherwise.
-	queueSize = 1024
+	// QueueSize is the virtqueue size of every served disk: Rewrite
+	// writes it into <driver queue_size>, and the back-end's device is
+	// created with it. They must agree: the device advertises seg_max =
+	// QueueSize-2, and the back-end refuses descriptor chains longer than
+	// the ring QEMU actually set up, so a larger device size than the ring
+	// (QEMU's default is 128) lets the guest build chains the back-end
+	// breaks the queue on.
+	QueueSize = 256
 	// stateFile, in the socket directory, lists what the sidecar serves so
 	// that a restarted sidecar serves it again: virt-launcher does not call
 	// OnDefineDomain a second time for a running domain.
 	stateFile = "serve-state.json"
+	// restoreLockWait bounds how long Restore waits for a dead
+	// predecessor's store lock to go away.
+	restoreLockWait = 15 * time.Second
 )
 
 // Options configure a Hook.
@@ -80,7 +90,11 @@ type Hook struct {
 	closed   bool
 	openWarn bool
 
-	warnMetrics sync.Once
+	// reg holds every served volume's stats; it is exported over HTTP
+	// once a VMI sets virtblk.io/metrics-port.
+	reg         *metrics.Registry
+	metricsPort int
+	stopMetrics func()
 }
 
 var _ sidecar.Hook = (*Hook)(nil)
@@ -90,6 +104,7 @@ type server struct {
 	disk   config.ServedDisk
 	socket string
 	vol    *store.BlockVolume
+	stats  *metrics.VolumeStats
 	cancel context.CancelFunc
 	done   chan struct{}
 	err    error // Serve's result, valid once done is closed
@@ -130,6 +145,7 @@ func New(opts Options) (*Hook, error) {
 		log:     log.With("hook", "serve"),
 		rw:      RewriteOptions{ComputeHooksDir: opts.ComputeHooksDir, ReconnectSeconds: opts.ReconnectSeconds},
 		servers: map[string]*server{},
+		reg:     metrics.NewRegistry(),
 	}, nil
 }
 
@@ -155,11 +171,6 @@ func (h *Hook) DefineDomain(ctx context.Context, call *sidecar.Call, domainXML [
 		return nil, attrs, err
 	}
 	attrs = append(attrs, slog.Int("servers_started", started))
-	if plan.MetricsPort != 0 {
-		h.warnMetrics.Do(func() {
-			h.log.Warn("virtblk.io/metrics-port is accepted but not exported yet: the data path does not feed blkio/metrics", "port", plan.MetricsPort)
-		})
-	}
 	return out, attrs, nil
 }
 
@@ -176,19 +187,62 @@ func (h *Hook) Restore() error {
 	if err != nil {
 		return fmt.Errorf("restore serve state: %w", err)
 	}
-	var plan config.ServePlan
-	if err := json.Unmarshal(b, &plan); err != nil {
+	plan, err := decodeState(b)
+	if err != nil {
 		return fmt.Errorf("restore serve state %s: %w", filepath.Join(h.vhostDir(), stateFile), err)
 	}
-	if len(plan.Disks) == 0 || plan.Store == "" {
-		return fmt.Errorf("restore serve state %s: no disks or no store", filepath.Join(h.vhostDir(), stateFile))
+	// The crashed predecessor's store lock can outlive it for a moment (a
+	// SIGKILLed process's io_uring keeps the file open until the kernel
+	// tears the ring down), so a lock conflict is retried for a while.
+	// The store reports it only as text, hence the string match.
+	deadline := time.Now().Add(restoreLockWait)
+	n, err := h.ensure(plan)
+	for err != nil && strings.Contains(err.Error(), "open in another process") && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+		n, err = h.ensure(plan)
 	}
-	n, err := h.ensure(&plan)
 	if err != nil {
 		return fmt.Errorf("restore serve state: %w", err)
 	}
 	h.log.Info("restored servers after a restart", "servers_started", n, "store", plan.Store)
 	return nil
+}
+
+// decodeState parses and checks a state file. The socket directory is
+// writable by QEMU's group, so the file is checked as strictly as the
+// annotations it came from: disk names that are safe file names, sizes and
+// queue counts within limits, a clean absolute store path.
+func decodeState(b []byte) (*config.ServePlan, error) {
+	var plan config.ServePlan
+	if err := json.Unmarshal(b, &plan); err != nil {
+		return nil, err
+	}
+	if len(plan.Disks) == 0 || len(plan.Disks) > config.MaxServedDisks {
+		return nil, fmt.Errorf("%d disks; want 1 to %d", len(plan.Disks), config.MaxServedDisks)
+	}
+	if !filepath.IsAbs(plan.Store) || filepath.Clean(plan.Store) != plan.Store {
+		return nil, fmt.Errorf("store path %q is not a clean absolute path", plan.Store)
+	}
+	if plan.MetricsPort < 0 || plan.MetricsPort > 65535 {
+		return nil, fmt.Errorf("metrics port %d out of range", plan.MetricsPort)
+	}
+	seen := map[string]bool{}
+	for _, d := range plan.Disks {
+		switch {
+		case !config.ValidDiskName(d.Name) || seen[d.Name]:
+			return nil, fmt.Errorf("disk name %q is not a DNS label or repeats", d.Name)
+		case d.Alias != config.AliasPrefix+d.Name:
+			return nil, fmt.Errorf("disk %s: alias %q", d.Name, d.Alias)
+		case d.Size == 0 || d.Size%config.VolumeBlockSize != 0 || d.Size > config.MaxVolumeBytes:
+			return nil, fmt.Errorf("disk %s: size %d", d.Name, d.Size)
+		case d.Queues < 1 || d.Queues > config.MaxQueues:
+			return nil, fmt.Errorf("disk %s: %d queues", d.Name, d.Queues)
+		case len(d.Serial) > 20:
+			return nil, fmt.Errorf("disk %s: serial longer than 20 bytes", d.Name)
+		}
+		seen[d.Name] = true
+	}
+	return &plan, nil
 }
 
 func (h *Hook) vhostDir() string { return filepath.Join(h.opts.HooksDir, VhostSubdir) }
@@ -228,6 +282,7 @@ func (h *Hook) ensure(plan *config.ServePlan) (int, error) {
 			// Its Serve failed; its queues are closed, so the volume
 			// handle can go before a new server takes over.
 			srv.vol.Close()
+			h.reg.Remove(srv.stats)
 			delete(h.servers, d.Name)
 		}
 		if err := h.start(d); err != nil {
@@ -235,10 +290,42 @@ func (h *Hook) ensure(plan *config.ServePlan) (int, error) {
 		}
 		started++
 	}
+	if err := h.startMetrics(plan.MetricsPort); err != nil {
+		return started, err
+	}
 	if err := h.writeState(path); err != nil {
 		return started, err
 	}
 	return started, nil
+}
+
+// startMetrics serves the Prometheus endpoint on port (all addresses of the
+// pod, where Prometheus scrapes) once; 0 means not asked for.
+func (h *Hook) startMetrics(port int) error {
+	switch {
+	case port == 0:
+		return nil
+	case h.metricsPort == port:
+		return nil
+	case h.metricsPort != 0:
+		h.log.Warn("metrics already served on another port; virtblk.io/metrics-port applies at the next VM start", "port", h.metricsPort, "wanted_port", port)
+		return nil
+	}
+	ln, err := metrics.Listen(fmt.Sprintf(":%d", port))
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := metrics.ServeListener(ctx, ln, h.reg, h.log); err != nil {
+			h.log.Error("metrics server failed; I/O goes on without it", "error", err.Error())
+		}
+	}()
+	h.metricsPort = port
+	h.stopMetrics = func() { cancel(); <-done }
+	return nil
 }
 
 // checkRunning handles a define call for a disk already served. Its size
@@ -288,7 +375,7 @@ func (h *Hook) start(d config.ServedDisk) error {
 	if err != nil {
 		return fmt.Errorf("open volume %s: %w", d.Name, err)
 	}
-	dev, err := virtioblk.NewDevice(vol, virtioblk.Options{NumQueues: uint16(d.Queues), QueueSize: queueSize, Serial: d.Serial})
+	dev, err := virtioblk.NewDevice(vol, virtioblk.Options{NumQueues: uint16(d.Queues), QueueSize: QueueSize, Serial: d.Serial})
 	if err != nil {
 		return fmt.Errorf("disk %s: %w", d.Name, err)
 	}
@@ -303,10 +390,25 @@ func (h *Hook) start(d config.ServedDisk) error {
 		ln.Close()
 		return fmt.Errorf("disk %s: %w", d.Name, err)
 	}
+	st := h.st.s
+	stats, err := metrics.NewVolume(metrics.VolumeOptions{
+		Name: d.Name, Socket: sock, Queues: d.Queues,
+		StoreChecksumFailures: func() uint64 { return st.Stats().ChecksumErrors },
+		CapacityBytes:         vol.Size,
+	})
+	if err == nil {
+		err = h.reg.Add(stats)
+	}
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("disk %s: %w", d.Name, err)
+	}
+	backend := vhostblk.New(dev)
+	backend.Metrics = stats
 	log := h.log.With("disk", d.Name)
 	ctx, cancel := context.WithCancel(context.Background())
-	srv := &server{disk: d, socket: sock, vol: vol, cancel: cancel, done: make(chan struct{})}
-	vs := vhostuser.NewServer(vhostblk.New(dev), vhostuser.Options{Log: log, Poll: h.opts.Poll})
+	srv := &server{disk: d, socket: sock, vol: vol, stats: stats, cancel: cancel, done: make(chan struct{})}
+	vs := vhostuser.NewServer(backend, vhostuser.Options{Log: log, Poll: h.opts.Poll})
 	go func() {
 		defer close(srv.done)
 		defer ln.Close()
@@ -324,7 +426,7 @@ func (h *Hook) start(d config.ServedDisk) error {
 // only when the content changes, through a rename so a crash never leaves
 // half a file.
 func (h *Hook) writeState(storePath string) error {
-	plan := config.ServePlan{Store: storePath}
+	plan := config.ServePlan{Store: storePath, MetricsPort: h.metricsPort}
 	for _, name := range sortedNames(h.servers) {
 		plan.Disks = append(plan.Disks, h.servers[name].disk)
 	}
@@ -358,6 +460,9 @@ func (h *Hook) Shutdown(ctx context.Context) error {
 	h.closed = true
 	for _, srv := range h.servers {
 		srv.cancel()
+	}
+	if h.stopMetrics != nil {
+		h.stopMetrics()
 	}
 	var errs []error
 	for _, name := range sortedNames(h.servers) {

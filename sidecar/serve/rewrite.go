@@ -15,6 +15,8 @@ import (
 	"path/filepath"
 	"strings"
 
+	"libvirt.org/go/libvirtxml"
+
 	"github.com/virtblk/virtblk/domainxml"
 	"github.com/virtblk/virtblk/sidecar"
 	"github.com/virtblk/virtblk/sidecar/config"
@@ -64,6 +66,9 @@ func Rewrite(domainXML []byte, plan *config.ServePlan, opt RewriteOptions) ([]by
 		if err != nil {
 			return nil, nil, fmt.Errorf("serve disk %s: %w", d.Name, err)
 		}
+		if err := setQueueSize(dom, d.Alias); err != nil {
+			return nil, nil, err
+		}
 		names = append(names, fmt.Sprintf("%s:queues=%d", d.Name, d.Queues))
 	}
 	if err := domainxml.EnsureSharedMemory(dom); err != nil {
@@ -97,4 +102,18 @@ func (r RenderHook) DefineDomain(_ context.Context, call *sidecar.Call, domainXM
 		return nil, nil, &sidecar.InvalidInputError{Err: err}
 	}
 	return out, attrs, nil
+}
+
+// setQueueSize pins the served disk's virtqueue size to QueueSize, the size
+// its back-end device is built with (see QueueSize).
+func setQueueSize(dom *libvirtxml.Domain, alias string) error {
+	for i := range dom.Devices.Disks {
+		d := &dom.Devices.Disks[i]
+		if d.Alias != nil && d.Alias.Name == alias && d.Driver != nil {
+			qs := uint(QueueSize)
+			d.Driver.QueueSize = &qs
+			return nil
+		}
+	}
+	return fmt.Errorf("serve disk %s: no driver after the vhost-user rewrite", alias)
 }

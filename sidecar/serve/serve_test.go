@@ -5,8 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	goio "io"
 	"math/rand"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -152,6 +154,9 @@ func checkServedDisk(t *testing.T, dom *libvirtxml.Domain, alias, socket string,
 	if drv == nil || drv.Queues == nil || *drv.Queues != queues {
 		t.Errorf("driver %+v, want %d queues", drv, queues)
 	}
+	if drv == nil || drv.QueueSize == nil || *drv.QueueSize != QueueSize {
+		t.Errorf("driver %+v: want queue_size %d, the back-end device's", drv, QueueSize)
+	}
 	if drv != nil && (drv.IOThread != nil || drv.IOThreads != nil || drv.Cache != "" || drv.ErrorPolicy != "" || drv.Discard != "" || drv.IO != "") {
 		t.Errorf("driver keeps attributes libvirt rejects on vhost-user: %+v", drv)
 	}
@@ -280,6 +285,16 @@ func rq(t *testing.T, q *frontend.Queue, typ uint32, sector uint64, n int) {
 	}
 }
 
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
 func dial(t *testing.T, sock string) *frontend.Device {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -297,8 +312,11 @@ func dial(t *testing.T, sock string) *frontend.Device {
 func TestHookServesFromStore(t *testing.T) {
 	e := newEnv(t)
 	h := e.hook(t)
-	out1 := define(t, h, servePlan("1Gi"))
-	out2 := define(t, h, servePlan("1Gi"))
+	port := freePort(t)
+	cfg := servePlan("1Gi")
+	cfg.Serve.MetricsPort = port
+	out1 := define(t, h, cfg)
+	out2 := define(t, h, cfg)
 	if !bytes.Equal(out1, out2) {
 		t.Fatal("two calls with the same input gave different XML")
 	}
@@ -330,6 +348,18 @@ func TestHookServesFromStore(t *testing.T) {
 	}
 	if err := dev.Close(); err != nil {
 		t.Fatal(err)
+	}
+	// The volume's requests are on the metrics port.
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := goio.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`virtblk_requests_total{volume="data",queue="1",op="write"} 1`, `virtblk_volume_capacity_bytes{volume="data"} 1073741824`} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q:\n%s", want, body)
+		}
 	}
 
 	state := filepath.Join(e.hooks, "vhost", stateFile)
