@@ -6,6 +6,12 @@
 //	virtblkd serve --socket PATH --file IMG [--queues N] [--queue-size N]
 //	               [--read-only] [--serial ID] [--poll-us N] [--log-level L]
 //	               [--metrics-addr ADDR] [--cpuprofile FILE]
+//	virtblkd serve --store FILE --volume NAME=SOCKET [--volume NAME=SOCKET...]
+//	               [same flags]
+//	virtblkd serve --store FILE --volume NAME --socket PATH [same flags]
+//
+// In store mode one daemon serves several volumes of one virtblk store,
+// each on its own socket, with the flags above applying to every one.
 package main
 
 import (
@@ -36,8 +42,10 @@ func main() {
 }
 
 const usage = `usage: virtblkd serve --socket PATH --file IMG [flags]
+       virtblkd serve --store FILE --volume NAME=SOCKET [--volume NAME=SOCKET...] [flags]
 
-Serves IMG as a vhost-user-blk device on the unix socket PATH.
+Serves IMG, or volumes of a virtblk store, as vhost-user-blk devices on
+unix sockets.
 Run "virtblkd serve -h" for the flags.
 `
 
@@ -65,8 +73,11 @@ func run(args []string, stderr io.Writer) int {
 }
 
 type serveConfig struct {
-	socket    string
-	file      string
+	socket string
+	file   string
+	// store and volumes select store mode (serveStore).
+	store     string
+	volumes   volumeFlags
 	queues    int
 	queueSize int
 	readOnly  bool
@@ -83,8 +94,10 @@ func parseServe(args []string, stderr io.Writer) (serveConfig, error) {
 	var c serveConfig
 	fs := flag.NewFlagSet("virtblkd serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.socket, "socket", "", "unix socket path to listen on (required)")
-	fs.StringVar(&c.file, "file", "", "raw image file or block device to serve (required)")
+	fs.StringVar(&c.socket, "socket", "", "unix socket path to listen on (required with --file)")
+	fs.StringVar(&c.file, "file", "", "raw image file or block device to serve (this or --store)")
+	fs.StringVar(&c.store, "store", "", "virtblk store file or device whose volumes to serve (this or --file)")
+	fs.Var(&c.volumes, "volume", "store volume to serve, NAME=SOCKET or NAME (on --socket); repeatable")
 	fs.IntVar(&c.queues, "queues", 1, "number of virtqueues (1-64); QEMU's num-queues must not exceed it")
 	fs.IntVar(&c.queueSize, "queue-size", 256, "largest virtqueue size (power of two, 2-1024)")
 	fs.BoolVar(&c.readOnly, "read-only", false, "serve the disk read-only")
@@ -100,10 +113,14 @@ func parseServe(args []string, stderr io.Writer) (serveConfig, error) {
 		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	switch {
-	case c.socket == "":
+	case c.file != "" && c.store != "":
+		return c, errors.New("--file and --store exclude each other: serve an image or store volumes")
+	case c.file == "" && c.store == "":
+		return c, errors.New("--file IMG or --store FILE is required")
+	case c.store == "" && len(c.volumes) > 0:
+		return c, errors.New("--volume needs --store FILE")
+	case c.store == "" && c.socket == "":
 		return c, errors.New("--socket PATH is required")
-	case c.file == "":
-		return c, errors.New("--file IMG is required")
 	case c.queues < 1 || c.queues > 64:
 		return c, fmt.Errorf("--queues %d: must be 1..64", c.queues)
 	case c.queueSize < 2 || c.queueSize > 1024 || c.queueSize&(c.queueSize-1) != 0:
@@ -115,6 +132,11 @@ func parseServe(args []string, stderr io.Writer) (serveConfig, error) {
 	}
 	if err := c.level.UnmarshalText([]byte(*level)); err != nil {
 		return c, fmt.Errorf("--log-level %q: want debug, info, warn or error", *level)
+	}
+	if c.store != "" {
+		if _, err := storeTargets(c); err != nil {
+			return c, err
+		}
 	}
 	return c, nil
 }
@@ -150,6 +172,9 @@ func serve(ctx context.Context, c serveConfig, log *slog.Logger) error {
 			return fmt.Errorf("cpu profile %s: %w", c.cpuProfile, err)
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if c.store != "" {
+		return serveStore(ctx, c, log)
 	}
 	vol, err := openVolume(c, log)
 	if err != nil {
