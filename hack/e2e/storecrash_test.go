@@ -457,13 +457,12 @@ fail() { echo "SC-FAIL: $*"; exit 1; }
 [ "$(cat /sys/block/vda/size)" = 131072 ] || fail "size $(cat /sys/block/vda/size)"
 # The pattern at 8 MiB, made durable: O_DIRECT writes, then fsync (FLUSH).
 dd if=/hostpattern of=/dev/vda bs=1M seek=8 oflag=direct conv=fsync 2>/dev/null || fail "write pattern"
+# More writes, back to back from one process so requests are in flight
+# when the host, told by SC-WRITTEN, SIGKILLs and restarts the back-end.
+dd if=/second of=/dev/vda bs=64k seek=512 oflag=direct 2>/dev/null &
+ddpid=$!
 echo SC-WRITTEN
-# More writes, in flight while the host SIGKILLs and restarts the back-end.
-i=0
-while [ $i -lt 16 ]; do
-	dd if=/second of=/dev/vda bs=512k count=1 skip=$i seek=$((64+i)) oflag=direct 2>/dev/null || fail "write $i"
-	i=$((i+1))
-done
+wait $ddpid || fail "writes across the back-end restart"
 sync
 dd if=/dev/vda of=/tmp/r bs=1M skip=8 count=4 iflag=direct 2>/dev/null || fail "read pattern"
 cmp /hostpattern /tmp/r || fail "flushed pattern differs after the back-end was killed"
@@ -502,6 +501,8 @@ func TestStoreCrashGuest(t *testing.T) {
 	if err := vm.WaitConsole("SC-WRITTEN", 5*time.Minute); err != nil {
 		t.Fatalf("guest did not write its pattern: %v\n%s\n%s", err, vuTail(vm.Console(), 3000), vuTail(d1.logs(), 2000))
 	}
+	// Let the guest's dd get going, then kill mid-stream.
+	time.Sleep(200 * time.Millisecond)
 	d1.cmd.Process.Signal(syscall.SIGKILL)
 	<-d1.done
 	d2 := srv.start(t, sock)
