@@ -126,8 +126,8 @@ func TestLibvirtVhostUserDisk(t *testing.T) {
 		put  func(*libvirtxml.DomainDiskDriver)
 		want *regexp.Regexp
 	}{
-		{"cache", func(d *libvirtxml.DomainDiskDriver) { d.Cache = "none" }, regexp.MustCompile(`cache`)},
-		{"iothread", func(d *libvirtxml.DomainDiskDriver) { one := uint(rep.PoolIDs[0]); d.IOThread = &one }, regexp.MustCompile(`iothread`)},
+		{"cache", func(d *libvirtxml.DomainDiskDriver) { d.Cache = "none" }, regexp.MustCompile(`unsupported configuration: cache is not supported with vhostuser disk`)},
+		{"iothread", func(d *libvirtxml.DomainDiskDriver) { one := uint(rep.PoolIDs[0]); d.IOThread = &one }, regexp.MustCompile(`unsupported configuration: iothread is not supported with vhostuser disk`)},
 	} {
 		t.Run("define rejects "+c.name, func(t *testing.T) {
 			broken, err := domainxml.ParseDomain(domXML)
@@ -199,7 +199,13 @@ func TestLibvirtVhostUserDisk(t *testing.T) {
 	}
 
 	tBoot := time.Now()
-	waitShutOff(t, env, name, 4*time.Minute)
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(console)
+			t.Logf("guest console:\n%s\nvirtblkd:\n%s", vuTail(string(b), 60), vuTail(daemon.logs(), 30))
+		}
+	})
+	waitShutOff(t, env, name, 2*time.Minute)
 	t.Logf("guest ran and powered off in %s", time.Since(tBoot).Round(time.Millisecond))
 	out, err := os.ReadFile(console)
 	if err != nil {
