@@ -32,6 +32,10 @@ const ProtocolFeatures = wire.ProtoMQ | wire.ProtoReplyAck | wire.ProtoConfig |
 // as libvhost-user and rust-vmm answer).
 const MaxMemSlots = 509
 
+// MaxRingSize is the largest split ring served: QEMU's VIRTQUEUE_MAX_SIZE,
+// which also bounds what libvhost-user and rust-vmm front-ends build.
+const MaxRingSize = 1024
+
 // Options tune a Server.
 type Options struct {
 	Log *slog.Logger
@@ -125,8 +129,8 @@ func (s *Server) ServeConn(c *wire.Conn) error {
 		m.CloseFDs() // whatever the handler did not take
 		if herr != nil {
 			s.log.Warn("request failed", "request", m.Request.String(), "err", herr)
-		} else {
-			s.log.Debug("request", "request", m.Request.String())
+		} else if s.log.Enabled(context.Background(), slog.LevelDebug) {
+			s.log.Debug("request", "request", m.Request.String(), "payload", fmt.Sprintf("%x", m.Payload))
 		}
 		switch {
 		case reply != nil:
@@ -288,8 +292,13 @@ func (st *connState) handle(m *wire.Message) (*reply, error) {
 		if err != nil {
 			return nil, err
 		}
-		if s.Num == 0 || s.Num&(s.Num-1) != 0 || s.Num > uint32(be.QueueSize()) {
-			return nil, fmt.Errorf("SET_VRING_NUM %d for vring %d: need a power of two up to %d", s.Num, s.Index, be.QueueSize())
+		// The device's queue size is what the front-end offers the guest,
+		// not a bound on the ring: QEMU 10 behind libvirt was seen handing
+		// a 1024-entry ring to a device built with queue-size 256, and
+		// libvhost-user takes any size. Refusing leaves the guest without
+		// its disk, so any ring the front-end can build is served.
+		if s.Num == 0 || s.Num&(s.Num-1) != 0 || s.Num > MaxRingSize {
+			return nil, fmt.Errorf("SET_VRING_NUM %d for vring %d: need a power of two up to %d", s.Num, s.Index, MaxRingSize)
 		}
 		st.stopRing(int(s.Index))
 		v.num, v.q = uint16(s.Num), nil
@@ -620,10 +629,16 @@ func (st *connState) remMemReg(m *wire.Message) error {
 func (st *connState) getInflight(m *wire.Message) (*reply, error) {
 	d, _ := wire.DecodeInflight(m.Payload)
 	be := st.s.be
-	if d.NumQueues == 0 || d.QueueSize == 0 || d.NumQueues > be.NumQueues() || d.QueueSize > be.QueueSize() {
-		return nil, fmt.Errorf("GET_INFLIGHT_FD for %d queues of size %d: the device has %d queues of up to %d", d.NumQueues, d.QueueSize, be.NumQueues(), be.QueueSize())
+	if d.NumQueues == 0 || d.QueueSize == 0 || d.NumQueues > be.NumQueues() || d.QueueSize > MaxRingSize {
+		return nil, fmt.Errorf("GET_INFLIGHT_FD for %d queues of size %d: the device has %d queues of up to %d", d.NumQueues, d.QueueSize, be.NumQueues(), MaxRingSize)
 	}
-	size := inflight.RegionSize(d.NumQueues, d.QueueSize)
+	// QEMU asks for its queue-size property, but the ring the guest ends up
+	// with can be larger (see SET_VRING_NUM), and a head beyond the region
+	// could not be tracked. The region is ours to lay out (the front-end
+	// only keeps it), so every queue gets room for the largest ring: 16 KiB
+	// per queue. setInflight recognises the layout by the region's size.
+	layout := uint16(MaxRingSize)
+	size := inflight.RegionSize(d.NumQueues, layout)
 	fd, err := unix.MemfdCreate("vhost-inflight", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return nil, fmt.Errorf("GET_INFLIGHT_FD: memfd: %w", err)
@@ -635,11 +650,11 @@ func (st *connState) getInflight(m *wire.Message) (*reply, error) {
 	// The front-end keeps this memory for our successor; sealing stops
 	// anyone from shrinking it under a mapping.
 	unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_GROW|unix.F_SEAL_SHRINK|unix.F_SEAL_SEAL)
-	if err := st.mapInflight(fd, size, 0, d.NumQueues, d.QueueSize); err != nil {
+	if err := st.mapInflight(fd, size, 0, d.NumQueues, layout); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
-	out := wire.Inflight{MmapSize: size, MmapOffset: 0, NumQueues: d.NumQueues, QueueSize: d.QueueSize}
+	out := wire.Inflight{MmapSize: size, MmapOffset: 0, NumQueues: d.NumQueues, QueueSize: layout}
 	return &reply{payload: out.Append(nil), fds: []int{fd}, closeAfter: []int{fd}}, nil
 }
 
@@ -650,10 +665,18 @@ func (st *connState) setInflight(m *wire.Message) error {
 		return err
 	}
 	defer unix.Close(fd)
-	if d.NumQueues == 0 || d.QueueSize == 0 || d.QueueSize > virtq.MaxSize || d.MmapSize < inflight.RegionSize(d.NumQueues, d.QueueSize) {
+	if d.NumQueues == 0 || d.QueueSize == 0 || d.QueueSize > MaxRingSize || d.MmapSize < inflight.RegionSize(d.NumQueues, d.QueueSize) {
 		return fmt.Errorf("SET_INFLIGHT_FD: %d bytes for %d queues of size %d is inconsistent", d.MmapSize, d.NumQueues, d.QueueSize)
 	}
-	return st.mapInflight(fd, d.MmapSize, d.MmapOffset, d.NumQueues, d.QueueSize)
+	// QEMU passes back its own queue size, not the one getInflight laid
+	// the region out for; a region big enough for MaxRingSize queues is
+	// one of ours. A smaller one (another back-end's) keeps its size, and
+	// inflight.Open checks each queue header agrees.
+	layout := d.QueueSize
+	if d.MmapSize >= inflight.RegionSize(d.NumQueues, MaxRingSize) {
+		layout = MaxRingSize
+	}
+	return st.mapInflight(fd, d.MmapSize, d.MmapOffset, d.NumQueues, layout)
 }
 
 func (st *connState) mapInflight(fd int, size, off uint64, numQ, qsize uint16) error {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -32,6 +33,7 @@ type fe struct {
 	g          *vt.Guest
 	ds         []*vt.Driver
 	kick, call []int
+	ring       uint32 // SET_VRING_NUM; qsize unless a test sets it
 }
 
 func dial(t *testing.T, path string, g *vt.Guest) *fe {
@@ -133,7 +135,11 @@ func (f *fe) start(inflightFD int, inf wire.Inflight, viaAddMemReg bool) {
 	}
 	for i, d := range f.ds {
 		idx := uint32(i)
-		f.mustAck(wire.SetVringNum, wire.VringState{Index: idx, Num: qsize}.Append(nil))
+		ring := f.ring
+		if ring == 0 {
+			ring = qsize
+		}
+		f.mustAck(wire.SetVringNum, wire.VringState{Index: idx, Num: ring}.Append(nil))
 		f.mustAck(wire.SetVringBase, wire.VringState{Index: idx, Num: uint32(d.LastUsed())}.Append(nil))
 		f.mustAck(wire.SetVringAddr, wire.VringAddr{Index: idx, Desc: vt.UserBase + d.DescGPA, Avail: vt.UserBase + d.AvailGPA, Used: vt.UserBase + d.UsedGPA}.Append(nil))
 		f.mustAck(wire.SetVringKick, wire.VringFD{Index: uint8(i)}.Append(nil), f.kick[i])
@@ -400,7 +406,7 @@ func TestInflightResubmitOnReconnect(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unix.Munmap(region)
-	track, err := inflight.Open(region, 2, 1, qsize)
+	track, err := inflight.Open(region, 2, 1, inf.QueueSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -421,7 +427,9 @@ func TestInflightResubmitOnReconnect(t *testing.T) {
 	f2 := dial(t, r.sock, g)
 	f2.ds, f2.kick, f2.call = ds, []int{eventfd(t), eventfd(t)}, []int{eventfd(t), eventfd(t)}
 	f2.negotiate()
-	f2.start(infFD, inf, false)
+	// QEMU hands the region back with its own queue size, not the layout
+	// GET_INFLIGHT_FD answered.
+	f2.start(infFD, wire.Inflight{MmapSize: inf.MmapSize, NumQueues: 2, QueueSize: qsize}, false)
 	f2.waitUsed(1, 2)
 	for i, st := range status {
 		if st[0] != virtioblk.SOK {
@@ -492,4 +500,64 @@ func FuzzServeConn(f *testing.F) {
 		unix.Shutdown(fds[0], unix.SHUT_WR)
 		<-done
 	})
+}
+
+// QEMU 10 behind libvirt was seen building 1024-entry rings for a device
+// with queue-size 256 and an inflight region asked for 256. The back-end
+// must serve the larger ring and still track every head of it.
+func TestRingLargerThanDeviceQueueSize(t *testing.T) {
+	const ring = 4 * qsize
+	r := serve(t, memvol.New(1<<20, false))
+	g, err := vt.NewGuest(8 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.Close)
+	ds := []*vt.Driver{vt.NewDriver(g, ring, true), vt.NewDriver(g, ring, true)}
+	f := dial(t, r.sock, g)
+	f.ds, f.kick, f.call, f.ring = ds, []int{eventfd(t), eventfd(t)}, []int{eventfd(t), eventfd(t)}, ring
+	f.negotiate()
+	im := f.get(wire.GetInflightFD, wire.Inflight{NumQueues: 2, QueueSize: qsize}.Append(nil))
+	inf, _ := wire.DecodeInflight(im.Payload)
+	infFD, err := im.TakeFD()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(infFD)
+	if inf.QueueSize < ring || inf.MmapSize < inflight.RegionSize(2, inf.QueueSize) {
+		t.Fatalf("inflight region %+v cannot track %d-entry rings", inf, ring)
+	}
+	f.start(infFD, wire.Inflight{MmapSize: inf.MmapSize, NumQueues: 2, QueueSize: qsize}, false)
+	// More requests in flight at once than the device's queue size, so
+	// heads beyond it are fetched and tracked.
+	const n = 3 * qsize
+	d := ds[0]
+	var heads []uint16
+	for i := 0; i < n; i++ {
+		hg, h := g.Alloc(16, 16)
+		binary.LittleEndian.PutUint32(h, virtioblk.TOut)
+		binary.LittleEndian.PutUint64(h[8:], uint64(i))
+		dg, db := g.Alloc(512, 512)
+		copy(db, pattern(512, byte(i)))
+		sg, _ := g.Alloc(1, 1)
+		head, ok := d.AddIndirect([]vt.Buf{{GPA: hg, Len: 16}, {GPA: dg, Len: 512}, {GPA: sg, Len: 1, Write: true}})
+		if !ok {
+			t.Fatalf("request %d: ring full", i)
+		}
+		heads = append(heads, head)
+		d.Submit(head)
+	}
+	if slices.Max(heads) < qsize {
+		t.Fatalf("heads %v never pass the device queue size %d", heads, qsize)
+	}
+	signal(f.kick[0])
+	f.waitUsed(0, n)
+	for i := 0; i < n; i++ {
+		if !bytes.Equal(r.vol.Bytes()[i*512:(i+1)*512], pattern(512, byte(i))) {
+			t.Fatalf("sector %d not written", i)
+		}
+	}
+	if v := f.ack(wire.SetVringNum, wire.VringState{Index: 0, Num: 2048}.Append(nil)); v == 0 {
+		t.Fatal("SET_VRING_NUM 2048 acked: QEMU never builds rings over 1024")
+	}
 }

@@ -72,7 +72,7 @@ func TestLibvirtVhostUserDisk(t *testing.T) {
 
 	// The back-end must listen before QEMU's vhost-user-blk realize.
 	vuImg := vuImage(t, dir)
-	daemon := vuStart(t, bin, sock, vuImg, "--queue-size", strconv.Itoa(serve.QueueSize))
+	daemon := vuStart(t, bin, sock, vuImg, "--queue-size", vuDaemonQueueSize(), "--log-level", "debug")
 
 	env := startLibvirtd(t)
 	t.Logf("virtblkd + libvirtd ready after %s", time.Since(start).Round(time.Millisecond))
@@ -202,7 +202,7 @@ func TestLibvirtVhostUserDisk(t *testing.T) {
 	t.Cleanup(func() {
 		if t.Failed() {
 			b, _ := os.ReadFile(console)
-			t.Logf("guest console:\n%s\nvirtblkd:\n%s", vuTail(string(b), 60), vuTail(daemon.logs(), 30))
+			t.Logf("guest console:\n%s\nvirtblkd:\n%s", vuTail(string(b), 3000), vuTail(daemon.logs(), 3000))
 		}
 	})
 	waitShutOff(t, env, name, 2*time.Minute)
@@ -317,4 +317,13 @@ func qemuArgs(t *testing.T, env *libvirtEnv, name string) ([]string, string) {
 		t.Fatalf("%s: %v", logPath, err)
 	}
 	return args, logPath
+}
+
+// vuDaemonQueueSize is virtblkd's largest virtqueue: serve mode's QueueSize,
+// unless VIRTBLK_E2E_VU_QUEUE_SIZE overrides it (diagnosis only).
+func vuDaemonQueueSize() string {
+	if v := os.Getenv("VIRTBLK_E2E_VU_QUEUE_SIZE"); v != "" {
+		return v
+	}
+	return strconv.Itoa(serve.QueueSize)
 }
