@@ -153,13 +153,15 @@ func demoDataPlane(ctx context.Context, dir string, runtime time.Duration, out i
 	if err != nil {
 		return err
 	}
-	if err := store.Format(d, store.FormatOptions{}, store.Options{}); err != nil {
-		d.Close()
+	err = store.Format(d, store.FormatOptions{}, store.Options{})
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return err
 	}
-	st, err := store.Open(d, store.Options{})
+	st, closeFn, err := store.OpenPath(path, store.Options{})
 	if err != nil {
-		d.Close()
 		return err
 	}
 	closed := false
@@ -168,11 +170,7 @@ func demoDataPlane(ctx context.Context, dir string, runtime time.Duration, out i
 			return nil
 		}
 		closed = true
-		err := st.Close()
-		if cerr := d.Close(); err == nil {
-			err = cerr
-		}
-		return err
+		return closeFn()
 	}
 	defer closeStore()
 	if err := st.CreateVolume("vm1", volSize); err != nil {

@@ -108,26 +108,8 @@ func (c *storeCmd) parse(args []string, required ...string) error {
 // open opens the store and returns a close function that makes every change
 // durable.
 func (c *storeCmd) open() (*store.Store, func() error, error) {
-	d, note, err := store.OpenDisk(*c.store)
-	if err != nil {
-		return nil, nil, err
-	}
 	logger := slog.New(slog.NewTextHandler(c.stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	if note != "" {
-		logger.Warn(note)
-	}
-	s, err := store.Open(d, store.Options{Logger: logger})
-	if err != nil {
-		d.Close()
-		return nil, nil, fmt.Errorf("%s: %w", *c.store, err)
-	}
-	return s, func() error {
-		err := s.Close()
-		if cerr := d.Close(); err == nil {
-			err = cerr
-		}
-		return err
-	}, nil
+	return store.OpenPath(*c.store, store.Options{Logger: logger})
 }
 
 func (c *storeCmd) json(v any) error {

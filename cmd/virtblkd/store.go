@@ -101,28 +101,16 @@ func serveStore(ctx context.Context, c serveConfig, log *slog.Logger) (err error
 	if err != nil {
 		return err
 	}
-	d, note, err := store.OpenDisk(c.store)
+	s, closeStore, err := store.OpenPath(c.store, store.Options{Logger: log})
 	if err != nil {
 		return err
-	}
-	if note != "" {
-		log.Warn(note)
-	}
-	s, err := store.Open(d, store.Options{Logger: log})
-	if err != nil {
-		d.Close()
-		return fmt.Errorf("open store %s: %w", c.store, err)
 	}
 	var vols []*store.BlockVolume
 	defer func() {
 		for _, v := range vols {
 			v.Close()
 		}
-		cerr := s.Close()
-		if derr := d.Close(); cerr == nil {
-			cerr = derr
-		}
-		if cerr != nil {
+		if cerr := closeStore(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("close store %s: %w", c.store, cerr))
 		} else {
 			log.Info("store flushed and closed", "store", c.store)

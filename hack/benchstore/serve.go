@@ -39,33 +39,25 @@ func serveStore(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	d, note, err := store.OpenDisk(*path)
+	st, closeStore, err := store.OpenPath(*path, store.Options{Logger: log})
 	if err != nil {
-		return fmt.Errorf("open store %s: %w", *path, err)
-	}
-	defer d.Close()
-	if note != "" {
-		log.Warn(note)
-	}
-	st, err := store.Open(d, store.Options{Logger: log})
-	if err != nil {
-		return fmt.Errorf("open store %s: %w", *path, err)
+		return err
 	}
 	vol, err := st.BlockVolume(*name)
 	if err != nil {
-		st.Close()
+		closeStore()
 		return fmt.Errorf("store %s: %w", *path, err)
 	}
 	dev, err := virtioblk.NewDevice(vol, virtioblk.Options{NumQueues: uint16(*queues), QueueSize: 256, Serial: *serial})
 	if err != nil {
-		st.Close()
+		closeStore()
 		return err
 	}
 	// A SIGKILLed predecessor leaves its socket file behind.
 	os.Remove(*sock)
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: *sock, Net: "unix"})
 	if err != nil {
-		st.Close()
+		closeStore()
 		return fmt.Errorf("listen on %s: %w", *sock, err)
 	}
 	ln.SetUnlinkOnClose(true)
@@ -76,7 +68,7 @@ func serveStore(args []string) error {
 	if err := vol.Close(); err != nil && serr == nil {
 		serr = err
 	}
-	if err := st.Close(); err != nil && serr == nil {
+	if err := closeStore(); err != nil && serr == nil {
 		serr = err
 	}
 	log.Info("stopped")

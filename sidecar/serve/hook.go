@@ -265,7 +265,7 @@ func (h *Hook) ensure(plan *config.ServePlan) (int, error) {
 			return 0, err
 		}
 		h.st = st
-		h.log.Info("store open", "store", path, "created", created, "size", st.d.Size())
+		h.log.Info("store open", "store", path, "created", created, "size", st.s.Geometry().DiskSize)
 	} else if h.st.path != path {
 		return 0, fmt.Errorf("serve: store %s requested, but this sidecar already serves from %s; one sidecar serves one store", path, h.st.path)
 	}

@@ -47,19 +47,12 @@ func freeBytes(dir string) (uint64, error) {
 	return st.Bavail * uint64(st.Bsize), nil
 }
 
-// openedStore is the open store and the disk under it.
+// openedStore is the open store and what closes it with its disk and
+// intent log.
 type openedStore struct {
-	path string
-	s    *store.Store
-	d    store.DiskCloser
-}
-
-func (o *openedStore) close() error {
-	err := o.s.Close()
-	if cerr := o.d.Close(); err == nil && cerr != nil {
-		err = fmt.Errorf("close store file %s: %w", o.path, cerr)
-	}
-	return err
+	path  string
+	s     *store.Store
+	close func() error
 }
 
 // openOrCreateStore opens the store at path, creating and formatting it
@@ -76,22 +69,17 @@ func openOrCreateStore(path string, size uint64, log *slog.Logger) (*openedStore
 	} else if err != nil {
 		return nil, false, fmt.Errorf("store %s: %w", path, err)
 	}
-	d, note, err := store.OpenDisk(path)
+	s, closeStore, err := store.OpenPath(path, store.Options{Logger: log})
 	if err != nil {
-		return nil, false, fmt.Errorf("open store %s: %w", path, err)
-	}
-	if note != "" {
-		log.Warn("store I/O fallback", "store", path, "note", note)
-	}
-	s, err := store.Open(d, store.Options{Logger: log})
-	if err != nil {
-		d.Close()
-		return nil, false, fmt.Errorf("open store %s: %w; check it with `virtblk fsck --store %s`", path, err, path)
+		if errors.Is(err, store.ErrLocked) {
+			return nil, false, err
+		}
+		return nil, false, fmt.Errorf("%w; check it with `virtblk fsck --store %s`", err, path)
 	}
 	for _, r := range s.Repairs() {
 		log.Warn("store repaired on open", "store", path, "repair", r)
 	}
-	return &openedStore{path: path, s: s, d: d}, created, nil
+	return &openedStore{path: path, s: s, close: closeStore}, created, nil
 }
 
 func createStore(path string, size uint64, log *slog.Logger) error {

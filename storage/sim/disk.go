@@ -312,6 +312,27 @@ func (d *Disk) Crash() {
 	d.cache = map[uint64][]cached{}
 }
 
+// ProcessCrash simulates the death of the process using the disk, not of
+// the machine: what the kernel already took stays, completed writes keep
+// waiting in the volatile cache for a flush, and each write in flight
+// reaches the cache or not, sector by sector. No callback of an operation
+// in flight ever runs.
+func (d *Disk) ProcessCrash() {
+	for _, o := range d.pending {
+		if o.kind != 'w' {
+			continue
+		}
+		for i := 0; i < len(o.buf); i += SectorSize {
+			if d.rng.IntN(2) == 0 {
+				d.stamp++
+				s := (o.off + uint64(i)) / SectorSize
+				d.cache[s] = append(d.cache[s], cached{data: append([]byte(nil), o.buf[i:i+SectorSize]...), stamp: d.stamp})
+			}
+		}
+	}
+	d.pending = nil
+}
+
 // FlipBit flips one bit of the sector at off (durable and cached copy).
 func (d *Disk) FlipBit(off uint64, bit int) {
 	s := off / SectorSize

@@ -110,3 +110,37 @@ func TestSameSeedSameRun(t *testing.T) {
 		t.Fatal("the same seed produced different disks")
 	}
 }
+
+func TestProcessCrashKeepsCompletedWrites(t *testing.T) {
+	d := New(Options{Seed: 3, Size: 1 << 16, LoseUnflushed: 1})
+	d.Write(0, fill(7, 4096), func(error) {})
+	run(t, d)
+	called := false
+	d.Write(4096, fill(9, 4096), func(error) { called = true })
+	d.ProcessCrash()
+	if called || d.Pending() != 0 {
+		t.Fatalf("in-flight write: callback ran %v, %d still pending", called, d.Pending())
+	}
+	got := make([]byte, 8192)
+	d.Read(0, got, func(err error) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	})
+	run(t, d)
+	if !bytes.Equal(got[:4096], fill(7, 4096)) {
+		t.Fatal("completed unflushed write lost in a process crash")
+	}
+	for i := 4096; i < 8192; i += SectorSize {
+		if s := got[i : i+SectorSize]; !bytes.Equal(s, fill(9, SectorSize)) && !bytes.Equal(s, make([]byte, SectorSize)) {
+			t.Fatalf("sector %d of the in-flight write holds neither old nor new data", i/SectorSize)
+		}
+	}
+	// Still only in the volatile cache: a machine crash now loses it.
+	d.Crash()
+	d.Read(0, got[:4096], func(error) {})
+	run(t, d)
+	if !bytes.Equal(got[:4096], make([]byte, 4096)) {
+		t.Fatal("unflushed write survived a machine crash with LoseUnflushed=1")
+	}
+}

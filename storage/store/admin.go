@@ -170,8 +170,14 @@ func (s *Store) lookupName(name string) (*volume, error) {
 }
 
 // CreateVolume creates an empty thin volume. Like every admin operation it
-// is applied at once and durable after the next Sync or guest FLUSH.
+// is applied at once and durable after the next Sync or guest FLUSH; with an
+// intent log it is durable when it returns, since the log holds only block
+// map changes and those must find their volume after a process crash.
 func (s *Store) CreateVolume(name string, size uint64) error {
+	return s.durableAdmin(s.adminCreate(name, size))
+}
+
+func (s *Store) adminCreate(name string, size uint64) error {
 	if err := s.failure(); err != nil {
 		return err
 	}
@@ -196,6 +202,10 @@ func (s *Store) Clone(snapName, name string) error {
 }
 
 func (s *Store) share(kind uint8, srcName, name string) error {
+	return s.durableAdmin(s.adminShare(kind, srcName, name))
+}
+
+func (s *Store) adminShare(kind uint8, srcName, name string) error {
 	what := map[uint8]string{recSnapshot: "snapshot", recClone: "clone"}[kind]
 	if err := s.failure(); err != nil {
 		return err
@@ -221,6 +231,10 @@ func (s *Store) share(kind uint8, srcName, name string) error {
 // Delete removes a volume, snapshot or clone; blocks no one else references
 // are freed once the deletion is durable.
 func (s *Store) Delete(name string) error {
+	return s.durableAdmin(s.adminDelete(name))
+}
+
+func (s *Store) adminDelete(name string) error {
 	if err := s.failure(); err != nil {
 		return err
 	}
@@ -246,6 +260,10 @@ func (s *Store) Delete(name string) error {
 
 // Resize grows a volume.
 func (s *Store) Resize(name string, size uint64) error {
+	return s.durableAdmin(s.adminResize(name, size))
+}
+
+func (s *Store) adminResize(name string, size uint64) error {
 	if err := s.failure(); err != nil {
 		return err
 	}
@@ -259,6 +277,16 @@ func (s *Store) Resize(name string, size uint64) error {
 		return fmt.Errorf("resize: %w", err)
 	}
 	s.admin.recs = append(s.admin.recs, record{kind: recResize, vol: v.id, size: size})
+	return nil
+}
+
+func (s *Store) durableAdmin(err error) error {
+	if err != nil || s.in.mem == nil {
+		return err
+	}
+	if err := s.Sync(); err != nil {
+		return fmt.Errorf("applied but not durable: %w", err)
+	}
 	return nil
 }
 

@@ -173,8 +173,21 @@ func (s *Store) commit(w []func(error)) {
 	}
 	n := uint64(s.geo.JournalSlots)
 	capture := s.c.nextSeq-1-s.c.sb.Current.Seq >= n/4 || s.journalRoom() < n/2 || s.c.forceCkpt.Swap(false)
+	// Records logged from here on go to a new intent epoch; every one of
+	// the old epoch is in the cut below. No commit writes more journal
+	// entries than the ring holds.
+	var epoch uint64
+	if s.in.mem != nil {
+		epoch = s.in.switchEpoch(s.c.nextSeq - 1 + n)
+	}
+	durable := func() {
+		if s.in.mem != nil {
+			s.in.covered(epoch, s.c.nextSeq-1)
+		}
+	}
 	cut := s.cut(capture)
 	if len(cut.recs) == 0 && !capture && len(cut.frees) == 0 && len(s.c.held) == 0 {
+		durable()
 		s.commitDone(w, nil)
 		return
 	}
@@ -198,8 +211,11 @@ func (s *Store) commit(w []func(error)) {
 			}
 			s.writeCheckpoint(cut, ckptNoFallback, func(err error) {
 				if err == nil {
-					s.releaseHeld(nil)
-					s.retire(cut.frees)
+					durable()
+					// Held like a journal entry's frees: until the next
+					// commit covers the intent epoch that may still
+					// replay records pointing at them.
+					s.releaseHeld(cut.frees)
 				}
 				s.commitDone(w, err)
 			})
@@ -216,6 +232,7 @@ func (s *Store) commit(w []func(error)) {
 			return
 		}
 		s.stats.commits.Add(1)
+		durable()
 		s.releaseHeld(cut.frees)
 		if !capture {
 			s.commitDone(w, nil)

@@ -138,7 +138,7 @@ func (d *FileDisk) Close() error {
 func lockFile(f *os.File, path string) error {
 	err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 	if errors.Is(err, unix.EWOULDBLOCK) {
-		return fmt.Errorf("store %s is open in another process (or another handle); close it first", path)
+		return fmt.Errorf("store %s: %w (or another handle); close it first", path, ErrLocked)
 	}
 	if err != nil {
 		return fmt.Errorf("lock %s: %w", path, err)

@@ -217,17 +217,20 @@ func (h *Vol) runWrite(lb uint32, data []byte, in int, done func(error)) {
 	if data == nil {
 		st.mu.Lock()
 		var err error
+		logged := true
 		if h.v.deleted.Load() {
 			err = fmt.Errorf("volume %q was deleted: %w", h.v.name, storage.ErrIO)
 		} else if h.v.t.lookup(lb) != 0 {
 			if _, err = s.setEntry(h.v.t, lb, 0, &st.frees); err == nil {
-				st.recs = append(st.recs, record{kind: recSet, vol: h.v.id, lblock: lb})
+				r := record{kind: recSet, vol: h.v.id, lblock: lb}
+				st.recs = append(st.recs, r)
 				s.pending.Add(1)
+				logged = s.in.add(r)
 			}
 		}
 		next := st.finishLocked(lb)
 		st.mu.Unlock()
-		done(err)
+		s.ack(logged, err, done)
 		if next != nil {
 			next()
 		}
@@ -271,11 +274,14 @@ func (h *Vol) writeNew(lb uint32, buf []byte, done func(error)) {
 			return
 		}
 		st.mu.Lock()
+		logged := true
 		if h.v.deleted.Load() {
 			err = fmt.Errorf("volume %q was deleted: %w", h.v.name, storage.ErrIO)
 		} else if _, err = s.setEntry(h.v.t, lb, makeEntry(p, crc), &st.frees); err == nil {
-			st.recs = append(st.recs, record{kind: recSet, vol: h.v.id, lblock: lb, entry: makeEntry(p, crc)})
+			r := record{kind: recSet, vol: h.v.id, lblock: lb, entry: makeEntry(p, crc)}
+			st.recs = append(st.recs, r)
 			s.pending.Add(1)
+			logged = s.in.add(r)
 		}
 		if err != nil {
 			s.release([]uint32{p})
@@ -283,12 +289,27 @@ func (h *Vol) writeNew(lb uint32, buf []byte, done func(error)) {
 		}
 		next := st.finishLocked(lb)
 		st.mu.Unlock()
-		done(err)
+		s.ack(logged, err, done)
 		if next != nil {
 			next()
 		}
 		s.maybeCommit()
 	})
+}
+
+// ack completes a write whose map change is applied in memory. One the
+// intent log could not take (region full) is acknowledged only when a
+// commit has made it durable, so no acknowledged write can vanish with the
+// process.
+func (s *Store) ack(logged bool, err error, done func(error)) {
+	if logged || err != nil {
+		done(err)
+		return
+	}
+	s.c.mu.Lock()
+	s.c.waiters = append(s.c.waiters, done)
+	s.c.mu.Unlock()
+	s.kick()
 }
 
 func (s *Store) maybeCommit() {

@@ -77,7 +77,21 @@ func Open(d Disk, o Options) (*Store, error) {
 	}
 	s.c.nextSeq = next
 	s.c.durableSeq.Store(next - 1)
+	var intentFrees blockSink
+	if o.Intent != nil {
+		if len(o.Intent.Mem) < MinIntentSize || len(o.Intent.Boot) > ihBootMax {
+			return nil, fmt.Errorf("open store: intent log of %d bytes for boot %q: need at least %d bytes and a boot id of at most %d bytes", len(o.Intent.Mem), o.Intent.Boot, MinIntentSize, ihBootMax)
+		}
+		intentFrees = s.replayIntent(o.Intent)
+	}
 	s.initFree()
+	// Blocks the replayed records freed stay allocated until a commit has
+	// journaled those records, as on the live path.
+	for _, p := range intentFrees {
+		s.free[p/64].Or(1 << (p % 64))
+		s.freeCount.Add(-1)
+	}
+	s.admin.frees = append(s.admin.frees, intentFrees...)
 	if repairSuper != "" || fellBack {
 		nsb := *sb
 		nsb.Sequence++
@@ -93,6 +107,16 @@ func Open(d Disk, o Options) (*Store, error) {
 		}
 		s.c.sb = nsb
 		s.note("superblock: %s; rewrote all copies", repairSuper)
+	}
+	if o.Intent != nil {
+		// Journal what the intent log gave back before wiping it for this
+		// process; a crash before this Sync finds it intact again.
+		if len(s.admin.recs) > 0 {
+			if err := s.Sync(); err != nil {
+				return nil, fmt.Errorf("open store: commit replayed intent log: %w", err)
+			}
+		}
+		s.in.attach(o.Intent.Mem, s.uuid, o.Intent.Boot, s.c.durableSeq.Load())
 	}
 	s.log.Info("store opened", "volumes", len(s.table().byID), "journal_seq", next-1,
 		"checkpoint_seq", from, "elapsed", time.Since(start))
@@ -513,4 +537,52 @@ func (s *Store) applyRecord(r record, sink *blockSink) error {
 		return s.resizeVolume(r.vol, r.size)
 	}
 	return fmt.Errorf("kind %d: %w", r.kind, errBadRecord)
+}
+
+// replayIntent applies what a crashed predecessor logged but did not
+// journal (see intent.go) and returns the blocks it freed. Records queue
+// for the next commit like live ones.
+func (s *Store) replayIntent(il *IntentLog) blockSink {
+	recs, why := intentRecords(il.Mem, s.uuid, il.Boot, s.c.nextSeq-1)
+	if why != "" {
+		s.log.Info("intent log not replayed", "reason", why)
+		return nil
+	}
+	var sink blockSink
+	applied, skipped := 0, 0
+	vt := s.table()
+	for _, r := range recs {
+		v := vt.byID[r.vol]
+		if v == nil {
+			// Deleted by a commit that finished just before the crash,
+			// with the log not yet told.
+			continue
+		}
+		if p := entryBlock(r.entry); r.entry != 0 && (p == 0 || p >= s.geo.DataBlocks || s.refs.n[p].Load() != 0) ||
+			v.readOnly || uint64(r.lblock) >= v.size.Load()/blockSize {
+			s.note("intent log: record for volume %q block %d (entry %#x) does not fit the recovered store; skipped (its write was never flushed)", v.name, r.lblock, r.entry)
+			skipped++
+			continue
+		}
+		if _, err := s.setEntry(v.t, r.lblock, r.entry, &sink); err != nil {
+			s.note("intent log: volume %q block %d: %v; skipped (its write was never flushed)", v.name, r.lblock, err)
+			skipped++
+			continue
+		}
+		s.admin.recs = append(s.admin.recs, r)
+		applied++
+	}
+	if applied+skipped > 0 {
+		s.log.Info("intent log replayed", "records", applied, "skipped", skipped)
+	}
+	// A block freed by one record may be mapped again by a later one.
+	var frees blockSink
+	seen := map[uint32]bool{}
+	for _, p := range sink {
+		if !seen[p] && s.refs.n[p].Load() == 0 {
+			seen[p] = true
+			frees = append(frees, p)
+		}
+	}
+	return frees
 }

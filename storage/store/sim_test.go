@@ -78,6 +78,7 @@ type vmodel struct {
 	size     uint64
 	hist     map[uint64][]uint64
 	fl       map[uint64]int
+	ack      map[uint64]int // newest acknowledged write in hist: survives a process crash
 	busy     map[uint64]bool
 	created  int // admin sequence that created it
 	deleted  int // admin sequence that deleted it, 0 = live
@@ -113,6 +114,8 @@ type harness struct {
 	durable int // admin operations known durable
 	flight  int
 	crashes int
+	procs   int // of which process crashes (intent log kept)
+	boots   int
 	refused int
 	reads   int
 	readErr int
@@ -149,6 +152,12 @@ func runSeed(t *testing.T, seed uint64, steps int) *sim.Disk {
 	}
 	h := &harness{t: t, seed: seed, steps: steps, rng: rng, disk: sim.New(so), geo: geo, vols: map[string]*vmodel{}}
 	h.opts = Options{Pump: h.disk.Step, CommitRecords: 1 + rng.IntN(200)}
+	// Most seeds run with an intent log, some so small that writes wait
+	// for a commit when it fills.
+	if rng.IntN(8) != 0 {
+		slots := 4 + rng.IntN(300)
+		h.opts.Intent = &IntentLog{Mem: make([]byte, intentHeaderSize+2*(intentRegionHdr+intentSlotSize*slots)), Boot: "boot-0"}
+	}
 	if os.Getenv("VIRTBLK_SIM_LOG") != "" {
 		h.opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -162,7 +171,11 @@ func runSeed(t *testing.T, seed uint64, steps int) *sim.Disk {
 	for step := 0; step < steps && !t.Failed(); step++ {
 		switch r := h.rng.IntN(100); {
 		case step > 0 && step%crashEvery == 0:
-			h.crash()
+			if h.opts.Intent != nil && h.rng.IntN(2) == 0 {
+				h.processCrash()
+			} else {
+				h.crash()
+			}
 			if !h.reopen() {
 				return h.disk
 			}
@@ -183,8 +196,8 @@ func runSeed(t *testing.T, seed uint64, steps int) *sim.Disk {
 	}
 	h.crash()
 	h.reopen()
-	t.Logf("seed %d: %d crashes, %d refused opens, %d reads (%d failed as faults), faults %v",
-		seed, h.crashes, h.refused, h.reads, h.readErr, h.disk.Faults)
+	t.Logf("seed %d: %d crashes (%d of the process), %d refused opens, %d reads (%d failed as faults), faults %v",
+		seed, h.crashes, h.procs, h.refused, h.reads, h.readErr, h.disk.Faults)
 	return h.disk
 }
 
@@ -340,6 +353,7 @@ func (h *harness) issueIO() {
 	case k < 9:
 		buf := make([]byte, length)
 		zero := h.rng.IntN(8) == 0
+		idx := make([]int, n)
 		for i := range n {
 			h.stamp++
 			st := h.stamp
@@ -351,6 +365,7 @@ func (h *harness) issueIO() {
 				m.hist[first+i] = []uint64{0}
 			}
 			m.hist[first+i] = append(m.hist[first+i], st)
+			idx[i] = len(m.hist[first+i]) - 1
 			m.busy[first+i] = true
 		}
 		h.flight++
@@ -358,6 +373,11 @@ func (h *harness) issueIO() {
 			h.flight--
 			for i := range n {
 				m.busy[first+i] = false
+			}
+			if err == nil {
+				for i := range n {
+					m.ack[first+i] = max(m.ack[first+i], idx[i])
+				}
 			}
 			if err != nil {
 				// A partial write fails when its read-modify-write hits a
@@ -453,7 +473,7 @@ func (h *harness) newName(prefix string) string {
 }
 
 func newModel(name string, size uint64, at int) *vmodel {
-	return &vmodel{name: name, size: size, hist: map[uint64][]uint64{}, fl: map[uint64]int{},
+	return &vmodel{name: name, size: size, hist: map[uint64][]uint64{}, fl: map[uint64]int{}, ack: map[uint64]int{},
 		busy: map[uint64]bool{}, created: at, sizes: []sizeAt{{size, at}}}
 }
 
@@ -479,6 +499,7 @@ func (h *harness) issueAdmin() {
 	}
 	switch k := h.rng.IntN(10); {
 	case k < 3 && len(h.vols) < 6:
+		defer h.adminDurable()
 		name := h.newName("vol")
 		size := uint64(16+h.rng.IntN(112)) * blockSize
 		if err := h.s.CreateVolume(name, size); err != nil {
@@ -491,6 +512,7 @@ func (h *harness) issueAdmin() {
 		if src == nil {
 			return
 		}
+		defer h.adminDurable()
 		name := h.newName("snap")
 		if err := h.s.Snapshot(src.name, name); err != nil {
 			h.fatalf("snapshot %s of %s: %v", name, src.name, err)
@@ -501,6 +523,7 @@ func (h *harness) issueAdmin() {
 		h.vols[name] = m
 	case k < 6 && len(snaps) > 0 && len(h.vols) < 6:
 		src := snaps[h.rng.IntN(len(snaps))]
+		defer h.adminDurable()
 		name := h.newName("clone")
 		if err := h.s.Clone(src.name, name); err != nil {
 			h.fatalf("clone %s of %s: %v", name, src.name, err)
@@ -512,6 +535,7 @@ func (h *harness) issueAdmin() {
 		if m == nil || len(h.vols) < 2 {
 			return
 		}
+		defer h.adminDurable()
 		if err := h.s.Delete(m.name); err != nil {
 			h.fatalf("delete %s: %v", m.name, err)
 		}
@@ -524,6 +548,7 @@ func (h *harness) issueAdmin() {
 		if m == nil {
 			return
 		}
+		defer h.adminDurable()
 		size := m.size + uint64(h.rng.IntN(32))*blockSize
 		if err := h.s.Resize(m.name, size); err != nil {
 			h.fatalf("resize %s: %v", m.name, err)
@@ -534,8 +559,38 @@ func (h *harness) issueAdmin() {
 	}
 }
 
+// adminDurable notes that with an intent log an admin operation is
+// durable when it returns.
+func (h *harness) adminDurable() {
+	if h.opts.Intent != nil {
+		h.durable = h.admin
+	}
+}
+
+// processCrash kills the store's process, not the machine: the disk keeps
+// its cache and the intent log its memory, so every acknowledged write must
+// survive, flushed or not.
+func (h *harness) processCrash() {
+	h.procs++
+	h.crashes++
+	h.disk.ProcessCrash()
+	h.s = nil
+	h.flight = 0
+	for _, m := range h.vols {
+		m.busy = map[uint64]bool{}
+		for s, i := range m.ack {
+			m.fl[s] = max(m.fl[s], i)
+		}
+	}
+}
+
 func (h *harness) crash() {
 	h.crashes++
+	if h.opts.Intent != nil {
+		// A new boot: whatever the log's memory holds must be ignored.
+		h.boots++
+		h.opts.Intent.Boot = fmt.Sprintf("boot-%d", h.boots)
+	}
 	h.disk.Crash()
 	h.s = nil
 	h.flight = 0
@@ -644,6 +699,7 @@ func (h *harness) checkSize(m *vmodel, size uint64) uint64 {
 		if s >= size/storage.SectorSize {
 			delete(m.hist, s)
 			delete(m.fl, s)
+			delete(m.ack, s)
 		}
 	}
 	return size
@@ -680,6 +736,7 @@ func (h *harness) verifyVolume(m *vmodel) {
 				h.fatalf("after crash %d: %q sector %d holds stamp %d (valid=%v); allowed %v (history %v)",
 					h.crashes, m.name, s, got, ok, allowed, hist)
 			}
+			delete(m.ack, s)
 			if got == 0 {
 				delete(m.hist, s)
 				delete(m.fl, s)

@@ -33,6 +33,10 @@ type Options struct {
 	// CommitRecords starts a commit when this many records are queued
 	// (default 4096), bounding how much an unflushed workload can lose.
 	CommitRecords int
+	// Intent, when set, makes every acknowledged write survive a crash of
+	// this process (not of the machine) before it is flushed; see
+	// intent.go. Open replays what a crashed predecessor logged there.
+	Intent *IntentLog
 }
 
 const numStripes = 64
@@ -144,6 +148,9 @@ type Store struct {
 	pending atomic.Int64 // records queued in stripes (approximate)
 
 	c committer
+
+	// in is the intent log (see intent.go); in.mem is nil without one.
+	in intentLog
 
 	stats struct {
 		reads, writes, flushes, csum, ioerr, commits, ckpts atomic.Uint64

@@ -6,7 +6,6 @@ import (
 	"io"
 	"os"
 	"runtime"
-	"strings"
 	"sync"
 	"syscall"
 
@@ -218,7 +217,7 @@ func OpenDisk(path string) (DiskCloser, string, error) {
 	if err == nil {
 		return d, "", nil
 	}
-	if strings.Contains(err.Error(), "another process") {
+	if errors.Is(err, ErrLocked) {
 		return nil, "", err
 	}
 	fd, ferr := OpenFileDisk(path)
