@@ -11,6 +11,15 @@ import (
 type Vol struct {
 	s *Store
 	v *volume
+	// io carries data block reads and writes: the store's disk, or a
+	// queue's own ring (uringChannel).
+	io dataIO
+}
+
+// dataIO is the part of a Disk data blocks go through.
+type dataIO interface {
+	Read(off uint64, buf []byte, done func(error))
+	Write(off uint64, buf []byte, done func(error))
 }
 
 // Volume returns a handle for the named volume, snapshot or clone.
@@ -19,7 +28,7 @@ func (s *Store) Volume(name string) (*Vol, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Vol{s: s, v: v}, nil
+	return &Vol{s: s, v: v, io: s.disk}, nil
 }
 
 func (h *Vol) Name() string   { return h.v.name }
@@ -103,7 +112,7 @@ func (h *Vol) readBlock(lb uint32, dst []byte, in int, done func(error)) {
 	}
 	buf := getBlock()
 	p := entryBlock(e)
-	s.disk.Read(s.geo.blockOffset(p), buf, func(err error) {
+	h.io.Read(s.geo.blockOffset(p), buf, func(err error) {
 		defer putBlock(buf)
 		defer s.readExit(ep)
 		if err == nil && dataCRC(p, buf) != entryCRC(e) {
@@ -265,7 +274,7 @@ func (h *Vol) writeNew(lb uint32, buf []byte, done func(error)) {
 		return
 	}
 	crc := dataCRC(p, buf)
-	s.disk.Write(s.geo.blockOffset(p), buf, func(err error) {
+	h.io.Write(s.geo.blockOffset(p), buf, func(err error) {
 		putBlock(buf)
 		if err != nil {
 			s.stats.ioerr.Add(1)

@@ -49,8 +49,20 @@ func (b *BlockVolume) OpenQueue(depth int) (storage.Queue, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open queue on %q: eventfd: %w", b.h.v.name, err)
 	}
+	h := *b.h
+	q := &queue{h: &h, efd: efd}
+	// On an io_uring disk the queue gets a ring of its own for data blocks
+	// (see uringChannel); the simulator and the pread fallback share the
+	// store's disk.
+	if ud, ok := b.h.s.disk.(*UringDisk); ok && b.h.s.opts.Pump == nil {
+		ch, err := ud.openChannel(efd)
+		if err != nil {
+			unix.Close(efd)
+			return nil, fmt.Errorf("open queue on %q: %w", b.h.v.name, err)
+		}
+		q.ch, h.io = ch, ch
+	}
 	b.h.v.queues.Add(1)
-	q := &queue{h: b.h, efd: efd}
 	q.cond.L = &q.mu
 	return q, nil
 }
@@ -58,11 +70,15 @@ func (b *BlockVolume) OpenQueue(depth int) (storage.Queue, error) {
 type queue struct {
 	h      *Vol
 	efd    int
+	ch     *uringChannel // nil: data I/O goes through the store's disk
 	mu     sync.Mutex
 	cond   sync.Cond
 	done   []storage.Completion
 	flight int
 	closed bool
+	// reaping is set while the owner runs completions in Reap: a
+	// completion then needs no eventfd write, Reap collects it.
+	reaping bool
 }
 
 func (q *queue) NotifyFD() int { return q.efd }
@@ -72,9 +88,40 @@ func (q *queue) complete(tag uint64, err error) {
 	q.done = append(q.done, storage.Completion{Tag: tag, Err: err})
 	q.flight--
 	q.cond.Broadcast()
+	wake := !q.reaping
 	q.mu.Unlock()
-	var one = [8]byte{1}
-	_, _ = unix.Write(q.efd, one[:])
+	if wake {
+		var one = [8]byte{1}
+		_, _ = unix.Write(q.efd, one[:])
+	}
+}
+
+// progress runs the completions of the queue's own ring, if it has one,
+// and submits what they started.
+func (q *queue) progress() error {
+	if q.ch == nil {
+		return nil
+	}
+	q.ch.begin()
+	q.ch.poll()
+	return q.ch.end()
+}
+
+// sleep waits for the next completion event: on the eventfd when the queue
+// has its own ring (whose completions only the owner runs), otherwise on
+// the condition the disk goroutine signals. q.mu is held on entry and exit.
+func (q *queue) sleep() {
+	if q.ch == nil {
+		q.cond.Wait()
+		return
+	}
+	q.mu.Unlock()
+	pfd := []unix.PollFd{{Fd: int32(q.efd), Events: unix.POLLIN}}
+	_, _ = unix.Poll(pfd, 10)
+	var b [8]byte
+	_, _ = unix.Read(q.efd, b[:])
+	q.progress()
+	q.mu.Lock()
 }
 
 func (q *queue) Submit(reqs []storage.Request) error {
@@ -85,6 +132,10 @@ func (q *queue) Submit(reqs []storage.Request) error {
 	}
 	q.flight += len(reqs)
 	q.mu.Unlock()
+	if q.ch != nil {
+		q.ch.begin()
+		defer q.ch.end()
+	}
 	for i := range reqs {
 		r := reqs[i]
 		done := func(err error) { q.complete(r.Tag, err) }
@@ -120,7 +171,15 @@ func (q *queue) Submit(reqs []storage.Request) error {
 
 func (q *queue) Reap(out []storage.Completion, min int) (int, error) {
 	q.mu.Lock()
+	q.reaping = true
+	q.mu.Unlock()
+	err := q.progress()
+	q.mu.Lock()
+	q.reaping = false
 	defer q.mu.Unlock()
+	if err != nil && len(q.done) == 0 {
+		return 0, err
+	}
 	for len(q.done) < min && len(q.done) < len(out) {
 		if q.flight == 0 {
 			return 0, fmt.Errorf("reap: waiting for %d completions with only %d pending", min, len(q.done))
@@ -131,7 +190,7 @@ func (q *queue) Reap(out []storage.Completion, min int) (int, error) {
 			q.mu.Lock()
 			continue
 		}
-		q.cond.Wait()
+		q.sleep()
 	}
 	n := copy(out, q.done)
 	q.done = q.done[n:]
@@ -152,9 +211,23 @@ func (q *queue) Close() error {
 			q.mu.Lock()
 			continue
 		}
-		q.cond.Wait()
+		q.sleep()
 	}
 	q.mu.Unlock()
+	var err error
+	if q.ch != nil {
+		// Writes of other queues to this queue's blocks may still run on
+		// this ring (see uringChannel); they finish quickly.
+		for q.ch.pending() > 0 {
+			q.mu.Lock()
+			q.sleep()
+			q.mu.Unlock()
+		}
+		err = q.ch.close()
+	}
 	q.h.v.queues.Add(-1)
-	return unix.Close(q.efd)
+	if cerr := unix.Close(q.efd); err == nil {
+		err = cerr
+	}
+	return err
 }
