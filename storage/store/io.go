@@ -2,6 +2,7 @@ package store
 
 import (
 	"fmt"
+	"sync"
 
 	"github.com/virtblk/virtblk/storage"
 )
@@ -92,10 +93,91 @@ func (h *Vol) ReadAt(dst []byte, off uint64, done func(error)) {
 	}
 	h.s.stats.reads.Add(1)
 	ps := splitPieces(off, uint64(len(dst)))
-	all(len(ps), func(i int, d func(error)) {
-		p := ps[i]
-		h.readBlock(p.lb, dst[p.pos:p.pos+p.len], p.in, d)
-	}, done)
+	if len(ps) == 1 {
+		p := ps[0]
+		h.readBlock(p.lb, dst[p.pos:p.pos+p.len], p.in, done)
+		return
+	}
+	// Whole blocks that sit next to each other on disk are read with one
+	// I/O (sequential writes allocate runs of blocks), each still checked
+	// against its own map entry.
+	type run struct{ first, n int } // pieces ps[first:first+n]
+	var runs []run
+	s := h.s
+	ep := s.readEnter()
+	entries := make([]uint64, len(ps))
+	for i, p := range ps {
+		entries[i] = h.v.t.lookup(p.lb)
+		if i > 0 && p.len == blockSize && entries[i] != 0 {
+			r := &runs[len(runs)-1]
+			prev := ps[r.first+r.n-1]
+			if r.n < maxRunBlocks && prev.len == blockSize && entries[i-1] != 0 && entryBlock(entries[i]) == entryBlock(entries[i-1])+1 {
+				r.n++
+				continue
+			}
+		}
+		runs = append(runs, run{i, 1})
+	}
+	all(len(runs), func(i int, d func(error)) {
+		r := runs[i]
+		if r.n == 1 {
+			p := ps[r.first]
+			h.readEntry(p.lb, entries[r.first], dst[p.pos:p.pos+p.len], p.in, d)
+			return
+		}
+		h.readRun(ps[r.first:r.first+r.n], entries[r.first:r.first+r.n], dst, d)
+	}, func(err error) {
+		s.readExit(ep)
+		done(err)
+	})
+}
+
+// maxRunBlocks bounds one coalesced read (256 KiB).
+const maxRunBlocks = 64
+
+var runPool = sync.Pool{New: func() any { b := alignedBuf(maxRunBlocks * blockSize); return &b }}
+
+// readRun reads whole blocks that are consecutive on disk with one I/O.
+// The caller holds a read epoch.
+func (h *Vol) readRun(ps []piece, entries []uint64, dst []byte, done func(error)) {
+	s := h.s
+	bp := runPool.Get().(*[]byte)
+	buf := (*bp)[:len(ps)*blockSize]
+	first := entryBlock(entries[0])
+	h.io.Read(s.geo.blockOffset(first), buf, func(err error) {
+		defer runPool.Put(bp)
+		for i, p := range ps {
+			e := entries[i]
+			if err == nil {
+				err = h.checkBlock(p.lb, e, buf[i*blockSize:(i+1)*blockSize])
+			} else if i == 0 {
+				s.stats.ioerr.Add(1)
+				s.log.Error("data read failed", "volume", h.v.name, "block", p.lb, "physical_block", first, "blocks", len(ps), "err", err)
+				err = fmt.Errorf("volume %q blocks %d-%d (physical blocks %d-%d): %w: %w",
+					h.v.name, p.lb, p.lb+uint32(len(ps))-1, first, first+uint32(len(ps))-1, storage.ErrIO, err)
+			}
+			if err != nil {
+				done(err)
+				return
+			}
+			copy(dst[p.pos:p.pos+p.len], buf[i*blockSize:])
+		}
+		done(nil)
+	})
+}
+
+// checkBlock verifies a block read for map entry e of logical block lb.
+func (h *Vol) checkBlock(lb uint32, e uint64, b []byte) error {
+	s := h.s
+	p := entryBlock(e)
+	if dataCRC(p, b) == entryCRC(e) {
+		return nil
+	}
+	s.stats.csum.Add(1)
+	s.log.Error("data checksum mismatch", "volume", h.v.name, "block", lb, "physical_block", p,
+		"offset", s.geo.blockOffset(p))
+	return fmt.Errorf("volume %q block %d (physical block %d at offset %d): %w",
+		h.v.name, lb, p, s.geo.blockOffset(p), storage.ErrChecksum)
 }
 
 // readBlock reads part of one logical block. The read epoch keeps the
@@ -103,9 +185,17 @@ func (h *Vol) ReadAt(dst []byte, off uint64, done func(error)) {
 func (h *Vol) readBlock(lb uint32, dst []byte, in int, done func(error)) {
 	s := h.s
 	ep := s.readEnter()
-	e := h.v.t.lookup(lb)
-	if e == 0 {
+	h.readEntry(lb, h.v.t.lookup(lb), dst, in, func(err error) {
 		s.readExit(ep)
+		done(err)
+	})
+}
+
+// readEntry reads part of logical block lb, mapped by e (0: unmapped). The
+// caller holds a read epoch from before it looked e up.
+func (h *Vol) readEntry(lb uint32, e uint64, dst []byte, in int, done func(error)) {
+	s := h.s
+	if e == 0 {
 		clear(dst)
 		done(nil)
 		return
@@ -114,19 +204,14 @@ func (h *Vol) readBlock(lb uint32, dst []byte, in int, done func(error)) {
 	p := entryBlock(e)
 	h.io.Read(s.geo.blockOffset(p), buf, func(err error) {
 		defer putBlock(buf)
-		defer s.readExit(ep)
-		if err == nil && dataCRC(p, buf) != entryCRC(e) {
-			s.stats.csum.Add(1)
-			s.log.Error("data checksum mismatch", "volume", h.v.name, "block", lb, "physical_block", p,
-				"offset", s.geo.blockOffset(p))
-			done(fmt.Errorf("volume %q block %d (physical block %d at offset %d): %w",
-				h.v.name, lb, p, s.geo.blockOffset(p), storage.ErrChecksum))
-			return
-		}
 		if err != nil {
 			s.stats.ioerr.Add(1)
 			s.log.Error("data read failed", "volume", h.v.name, "block", lb, "physical_block", p, "err", err)
 			done(fmt.Errorf("volume %q block %d (physical block %d): %w: %w", h.v.name, lb, p, storage.ErrIO, err))
+			return
+		}
+		if err := h.checkBlock(lb, e, buf); err != nil {
+			done(err)
 			return
 		}
 		copy(dst, buf[in:])
@@ -156,6 +241,10 @@ func (h *Vol) write(src []byte, off, n uint64, zero bool, done func(error)) {
 	}
 	h.s.stats.writes.Add(1)
 	ps := splitPieces(off, n)
+	if !zero && len(ps) > 1 {
+		h.writeRuns(src, ps, done)
+		return
+	}
 	bufs := make([][]byte, len(ps))
 	for i, p := range ps {
 		if zero {
@@ -276,6 +365,17 @@ func (h *Vol) writeNew(lb uint32, buf []byte, done func(error)) {
 	crc := dataCRC(p, buf)
 	h.io.Write(s.geo.blockOffset(p), buf, func(err error) {
 		putBlock(buf)
+		h.install(lb, p, crc, err, done)
+	})
+}
+
+// install maps logical block lb to the freshly written physical block p
+// (werr: how its write ended), ends the write owning lb and starts the next.
+func (h *Vol) install(lb, p, crc uint32, werr error, done func(error)) {
+	s := h.s
+	st := h.v.stripeOf(lb)
+	{
+		err := werr
 		if err != nil {
 			s.stats.ioerr.Add(1)
 			s.release([]uint32{p})
@@ -303,7 +403,100 @@ func (h *Vol) writeNew(lb uint32, buf []byte, done func(error)) {
 			next()
 		}
 		s.maybeCommit()
-	})
+	}
+}
+
+// writeRuns writes a request of several pieces. Whole blocks this request
+// can own at once (no earlier write to them in flight) get fresh blocks
+// that are written with one I/O per run of consecutive physical blocks;
+// the rest (partial blocks, blocks busy with an earlier write) take the
+// one-block path, queued behind what owns them.
+func (h *Vol) writeRuns(src []byte, ps []piece, done func(error)) {
+	s := h.s
+	type claim struct {
+		i   int    // piece
+		p   uint32 // physical block
+		crc uint32
+	}
+	var claims []claim
+	var single []int
+	for i, pc := range ps {
+		if pc.len != blockSize {
+			single = append(single, i)
+			continue
+		}
+		st := h.v.stripeOf(pc.lb)
+		st.mu.Lock()
+		if _, busy := st.busy[pc.lb]; busy {
+			st.mu.Unlock()
+			single = append(single, i)
+			continue
+		}
+		if st.busy == nil {
+			st.busy = map[uint32][]func(){}
+		}
+		st.busy[pc.lb] = nil
+		st.mu.Unlock()
+		claims = append(claims, claim{i: i})
+	}
+	// Runs of claimed pieces with consecutive physical blocks, written
+	// from one buffer each.
+	type run struct{ first, n int } // claims[first:first+n]
+	var runs []run
+	var failed []int // claims whose block could not be allocated
+	var allocErr error
+	kept := claims[:0]
+	for _, c := range claims {
+		p, err := s.alloc()
+		if err != nil {
+			failed, allocErr = append(failed, c.i), err
+			continue
+		}
+		c.p = p
+		kept = append(kept, c)
+		if len(runs) > 0 {
+			r := &runs[len(runs)-1]
+			last := kept[r.first+r.n-1]
+			if r.n < maxRunBlocks && p == last.p+1 && ps[c.i].lb == ps[last.i].lb+1 {
+				r.n++
+				continue
+			}
+		}
+		runs = append(runs, run{len(kept) - 1, 1})
+	}
+	claims = kept
+	all(len(runs)+len(failed)+len(single), func(k int, d func(error)) {
+		switch {
+		case k < len(runs):
+			r := runs[k]
+			cs := claims[r.first : r.first+r.n]
+			bp := runPool.Get().(*[]byte)
+			buf := (*bp)[:r.n*blockSize]
+			for j := range cs {
+				pc := ps[cs[j].i]
+				b := buf[j*blockSize : (j+1)*blockSize]
+				copy(b, src[pc.pos:pc.pos+blockSize])
+				cs[j].crc = dataCRC(cs[j].p, b)
+			}
+			h.io.Write(s.geo.blockOffset(cs[0].p), buf, func(err error) {
+				runPool.Put(bp)
+				all(len(cs), func(j int, dj func(error)) {
+					h.install(ps[cs[j].i].lb, cs[j].p, cs[j].crc, err, dj)
+				}, d)
+			})
+		case k < len(runs)+len(failed):
+			lb := ps[failed[k-len(runs)]].lb
+			h.complete(h.v.stripeOf(lb), lb, fmt.Errorf("volume %q block %d: %w: %w", h.v.name, lb, storage.ErrIO, allocErr), d)
+		default:
+			pc := ps[single[k-len(runs)-len(failed)]]
+			data := append([]byte(nil), src[pc.pos:pc.pos+pc.len]...)
+			if pc.len == blockSize {
+				data = getBlock()
+				copy(data, src[pc.pos:pc.pos+pc.len])
+			}
+			h.writeBlock(pc.lb, data, pc.in, d)
+		}
+	}, done)
 }
 
 // ack completes a write whose map change is applied in memory. One the
