@@ -15,6 +15,10 @@ type committer struct {
 	running bool
 	again   bool
 	waiters []func(error)
+	// idle run when no commit is running or queued: a FLUSH completes
+	// before its commit's checkpoint is written, Sync and Close wait for
+	// that too.
+	idle []func(error)
 
 	// Owned by the running commit.
 	nextSeq uint64
@@ -141,11 +145,30 @@ func (s *Store) commitDone(w []func(error), err error) {
 	s.c.mu.Lock()
 	s.c.running = false
 	more := s.c.again || len(s.c.waiters) > 0
+	var idle []func(error)
+	if !more || s.failure() != nil {
+		idle, s.c.idle = s.c.idle, nil
+	}
 	s.c.mu.Unlock()
 	s.reclaim()
+	for _, f := range idle {
+		f(s.failure())
+	}
 	if more && s.failure() == nil {
 		s.kick()
 	}
+}
+
+// whenIdle calls done once no commit is running.
+func (s *Store) whenIdle(done func(error)) {
+	s.c.mu.Lock()
+	if s.c.running {
+		s.c.idle = append(s.c.idle, done)
+		s.c.mu.Unlock()
+		return
+	}
+	s.c.mu.Unlock()
+	done(nil)
 }
 
 // retainFrom is the newest sequence the journal must still hold entries

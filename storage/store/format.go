@@ -90,8 +90,12 @@ type Geometry struct {
 
 // FormatOptions size the metadata zones. Zero fields take defaults.
 type FormatOptions struct {
-	JournalSlots uint32 // default 256
-	SlotSize     uint32 // default 64 KiB
+	// Defaults: 2048 slots of 8 KiB (16 MiB per body ring). A commit takes
+	// at least one slot, and a checkpoint (which rewrites the whole map) is
+	// due every JournalSlots/4 entries, so many small slots keep a
+	// FLUSH-heavy workload from checkpointing every few dozen FLUSHes.
+	JournalSlots uint32
+	SlotSize     uint32
 	// UUID identifies the store; zero means random (the simulator sets it so
 	// a seed reproduces the disk byte for byte).
 	UUID [16]byte
@@ -106,10 +110,10 @@ func roundUp(v, to uint64) uint64 { return (v + to - 1) / to * to }
 func computeGeometry(size uint64, o FormatOptions) (Geometry, error) {
 	g := Geometry{DiskSize: size, JournalSlots: o.JournalSlots, SlotSize: o.SlotSize}
 	if g.JournalSlots == 0 {
-		g.JournalSlots = 256
+		g.JournalSlots = 2048
 	}
 	if g.SlotSize == 0 {
-		g.SlotSize = 64 << 10
+		g.SlotSize = 8 << 10
 	}
 	if g.JournalSlots < 8 || g.SlotSize < 4096 || g.SlotSize%blockSize != 0 {
 		return g, fmt.Errorf("journal geometry %d slots x %d bytes: need >= 8 slots of a multiple of 4096 bytes", g.JournalSlots, g.SlotSize)

@@ -173,9 +173,13 @@ func (s *Store) abandon() {
 	s.closed.Store(true)
 }
 
-// Sync makes every completed operation durable.
+// Sync makes every completed operation durable and returns once the
+// commit that did it has finished its checkpoint too.
 func (s *Store) Sync() error {
-	return s.wait(s.flush)
+	if err := s.wait(s.flush); err != nil {
+		return err
+	}
+	return s.wait(s.whenIdle)
 }
 
 func readSuperblock(d Disk, o Options) (*superblock, string, error) {
@@ -336,9 +340,26 @@ func (s *Store) replay(from uint64, sb *superblock) (uint64, error) {
 		}
 	}
 	var bodies [2][][]byte
+	// Read each ring in large pieces; a piece that fails is read again slot
+	// by slot below.
+	const piece = 1 << 20
+	per := max(1, uint64(piece/g.SlotSize))
 	for c := range 2 {
 		bodies[c] = make([][]byte, n)
+		for first := uint64(0); first < n; first += per {
+			k := min(per, n-first)
+			b := alignedBuf(int(k * uint64(g.SlotSize)))
+			if s.readSync(g.BodyOff[c]+first*uint64(g.SlotSize), b) != nil {
+				continue
+			}
+			for i := range k {
+				bodies[c][first+i] = b[i*uint64(g.SlotSize) : (i+1)*uint64(g.SlotSize)]
+			}
+		}
 		for i := range n {
+			if bodies[c][i] != nil {
+				continue
+			}
 			b := alignedBuf(int(g.SlotSize))
 			off := g.BodyOff[c] + i*uint64(g.SlotSize)
 			if err := s.readSync(off, b); err != nil {
