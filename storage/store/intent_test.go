@@ -2,6 +2,9 @@ package store
 
 import (
 	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/virtblk/virtblk/storage/sim"
@@ -237,4 +240,60 @@ func FuzzIntentRecords(f *testing.F) {
 			}
 		}
 	})
+}
+
+// OpenPath keeps the log beside a store file, with the store's owner and
+// mode, and a second open of the same store replays nothing stale.
+func TestOpenPathIntentFile(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "s.vbs")
+	if err := CreateFile(p, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	d, _, err := OpenDisk(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Format(d, FormatOptions{}, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	s, closeStore, err := OpenPath(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreateVolume("v", 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	v, _ := s.Volume("v")
+	if err := waitIO(nil, func(done func(error)) { v.WriteAt(blockOf(5), 0, done) }); err != nil {
+		t.Fatal(err)
+	}
+	// A second opener is refused while the first holds the store.
+	if _, _, err := OpenDisk(p); !errors.Is(err, ErrLocked) {
+		t.Fatalf("second open: %v, want ErrLocked", err)
+	}
+	if err := closeStore(); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(IntentPath(p))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o640 || fi.Size() != IntentFileSize {
+		t.Fatalf("intent file mode %v size %d, want 0640 and %d", fi.Mode().Perm(), fi.Size(), IntentFileSize)
+	}
+	s, closeStore, err = OpenPath(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeStore()
+	v, _ = s.Volume("v")
+	got := make([]byte, blockSize)
+	if err := waitIO(nil, func(done func(error)) { v.ReadAt(got, 0, done) }); err != nil || !bytes.Equal(got, blockOf(5)) {
+		t.Fatalf("reopen: %v, data intact %v", err, bytes.Equal(got, blockOf(5)))
+	}
 }

@@ -57,7 +57,7 @@ func OpenPath(path string, o Options) (s *Store, close func() error, err error) 
 		o.Logger.Warn("store I/O fallback", "store", path, "note", note)
 	}
 	ipath := IntentPath(path)
-	mem, err := mapIntent(ipath)
+	mem, err := mapIntent(ipath, path)
 	if err != nil {
 		d.Close()
 		return nil, nil, fmt.Errorf("open store %s: %w", path, err)
@@ -89,12 +89,25 @@ func OpenPath(path string, o Options) (s *Store, close func() error, err error) 
 
 // mapIntent maps the intent log file shared, creating it when missing. An
 // existing file keeps its size: shrinking it would drop records a crashed
-// predecessor left.
-func mapIntent(path string) ([]byte, error) {
+// predecessor left. A new file gets the store file's owner and permission
+// bits, so whoever may open the store (say the sidecar as uid 107, after an
+// admin made the store as root) may open its log.
+func mapIntent(path, storePath string) ([]byte, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("intent log directory: %w", err)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|unix.O_CLOEXEC, 0o600)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL|unix.O_CLOEXEC, 0o600)
+	if err == nil {
+		var st unix.Stat_t
+		if unix.Stat(storePath, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
+			f.Chmod(os.FileMode(st.Mode & 0o660))
+			if os.Geteuid() == 0 {
+				f.Chown(int(st.Uid), int(st.Gid))
+			}
+		}
+	} else if errors.Is(err, os.ErrExist) {
+		f, err = os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("intent log: %w", err)
 	}
