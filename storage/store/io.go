@@ -374,36 +374,34 @@ func (h *Vol) writeNew(lb uint32, buf []byte, done func(error)) {
 func (h *Vol) install(lb, p, crc uint32, werr error, done func(error)) {
 	s := h.s
 	st := h.v.stripeOf(lb)
-	{
-		err := werr
-		if err != nil {
-			s.stats.ioerr.Add(1)
-			s.release([]uint32{p})
-			h.complete(st, lb, fmt.Errorf("volume %q block %d: write physical block %d: %w: %w", h.v.name, lb, p, storage.ErrIO, err), done)
-			return
-		}
-		st.mu.Lock()
-		logged := true
-		if h.v.deleted.Load() {
-			err = fmt.Errorf("volume %q was deleted: %w", h.v.name, storage.ErrIO)
-		} else if _, err = s.setEntry(h.v.t, lb, makeEntry(p, crc), &st.frees); err == nil {
-			r := record{kind: recSet, vol: h.v.id, lblock: lb, entry: makeEntry(p, crc)}
-			st.recs = append(st.recs, r)
-			s.pending.Add(1)
-			logged = s.in.add(r)
-		}
-		if err != nil {
-			s.release([]uint32{p})
-			err = fmt.Errorf("volume %q block %d: %w: %w", h.v.name, lb, storage.ErrIO, err)
-		}
-		next := st.finishLocked(lb)
-		st.mu.Unlock()
-		s.ack(logged, err, done)
-		if next != nil {
-			next()
-		}
-		s.maybeCommit()
+	if werr != nil {
+		s.stats.ioerr.Add(1)
+		s.release([]uint32{p})
+		h.complete(st, lb, fmt.Errorf("volume %q block %d: write physical block %d: %w: %w", h.v.name, lb, p, storage.ErrIO, werr), done)
+		return
 	}
+	st.mu.Lock()
+	var err error
+	logged := true
+	if h.v.deleted.Load() {
+		err = fmt.Errorf("volume %q was deleted: %w", h.v.name, storage.ErrIO)
+	} else if _, err = s.setEntry(h.v.t, lb, makeEntry(p, crc), &st.frees); err == nil {
+		r := record{kind: recSet, vol: h.v.id, lblock: lb, entry: makeEntry(p, crc)}
+		st.recs = append(st.recs, r)
+		s.pending.Add(1)
+		logged = s.in.add(r)
+	}
+	if err != nil {
+		s.release([]uint32{p})
+		err = fmt.Errorf("volume %q block %d: %w: %w", h.v.name, lb, storage.ErrIO, err)
+	}
+	next := st.finishLocked(lb)
+	st.mu.Unlock()
+	s.ack(logged, err, done)
+	if next != nil {
+		next()
+	}
+	s.maybeCommit()
 }
 
 // writeRuns writes a request of several pieces. Whole blocks this request
@@ -489,10 +487,12 @@ func (h *Vol) writeRuns(src []byte, ps []piece, done func(error)) {
 			h.complete(h.v.stripeOf(lb), lb, fmt.Errorf("volume %q block %d: %w: %w", h.v.name, lb, storage.ErrIO, allocErr), d)
 		default:
 			pc := ps[single[k-len(runs)-len(failed)]]
-			data := append([]byte(nil), src[pc.pos:pc.pos+pc.len]...)
+			var data []byte
 			if pc.len == blockSize {
 				data = getBlock()
 				copy(data, src[pc.pos:pc.pos+pc.len])
+			} else {
+				data = append([]byte(nil), src[pc.pos:pc.pos+pc.len]...)
 			}
 			h.writeBlock(pc.lb, data, pc.in, d)
 		}
