@@ -156,6 +156,7 @@ func serveStore(ctx context.Context, c serveConfig, log *slog.Logger) (err error
 				Name: t.name, Socket: t.socket, Queues: c.queues,
 				StoreChecksumFailures: func() uint64 { return s.Stats().ChecksumErrors },
 				CapacityBytes:         bv.Size,
+				AllocatedBytes:        bv.AllocatedBytes,
 			})
 			if err == nil {
 				err = reg.Add(vs)

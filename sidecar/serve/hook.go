@@ -395,6 +395,7 @@ func (h *Hook) start(d config.ServedDisk) error {
 		Name: d.Name, Socket: sock, Queues: d.Queues,
 		StoreChecksumFailures: func() uint64 { return st.Stats().ChecksumErrors },
 		CapacityBytes:         vol.Size,
+		AllocatedBytes:        vol.AllocatedBytes,
 	})
 	if err == nil {
 		err = h.reg.Add(stats)
