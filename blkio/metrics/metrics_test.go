@@ -240,7 +240,8 @@ func TestWriteText(t *testing.T) {
 	reg := NewRegistry()
 	var csum, alloc uint64 = 3, 1 << 30
 	a := mustVolume(t, VolumeOptions{Name: "vol-a", Socket: "/run/virtblk/a.sock", Queues: 2,
-		StoreChecksumFailures: func() uint64 { return csum }, AllocatedBytes: func() uint64 { return alloc }})
+		StoreChecksumFailures: func() uint64 { return csum }, AllocatedBytes: func() uint64 { return alloc },
+		StoreFreeBytes: func() uint64 { return 7 << 20 }})
 	b := mustVolume(t, VolumeOptions{Name: "vol-b", Queues: 1, CapacityBytes: func() uint64 { return 10 << 30 }})
 	for _, v := range []*VolumeStats{b, a} {
 		if err := reg.Add(v); err != nil {
@@ -256,13 +257,13 @@ func TestWriteText(t *testing.T) {
 	b.Queue(0).Observe(OpWriteZeroes, 1<<20, 5*time.Second, StatusUnsupp)
 
 	x := scrape(t, reg)
-	wantOrder := []string{nameInfo, nameRequests, nameBytes, nameErrors, nameChecksum, nameInFlight, nameDuration, nameStoreChecksum, nameAllocated, nameCapacity}
+	wantOrder := []string{nameInfo, nameRequests, nameBytes, nameErrors, nameChecksum, nameInFlight, nameDuration, nameStoreChecksum, nameStoreFree, nameAllocated, nameCapacity}
 	if strings.Join(x.order, " ") != strings.Join(wantOrder, " ") {
 		t.Fatalf("families %v, want %v", x.order, wantOrder)
 	}
 	types := map[string]string{nameInfo: "gauge", nameRequests: "counter", nameBytes: "counter", nameErrors: "counter",
 		nameChecksum: "counter", nameInFlight: "gauge", nameDuration: "histogram", nameStoreChecksum: "counter",
-		nameAllocated: "gauge", nameCapacity: "gauge"}
+		nameStoreFree: "gauge", nameAllocated: "gauge", nameCapacity: "gauge"}
 	for n, typ := range types {
 		if x.families[n].typ != typ {
 			t.Errorf("%s: type %s, want %s", n, x.families[n].typ, typ)
@@ -270,7 +271,7 @@ func TestWriteText(t *testing.T) {
 	}
 	// Every series count: 3 queues × 7 ops for requests and bytes, ×2 statuses for errors.
 	for n, want := range map[string]int{nameInfo: 2, nameRequests: 21, nameBytes: 21, nameErrors: 42, nameChecksum: 3,
-		nameInFlight: 3, nameDuration: 2 * (numBuckets + 2), nameStoreChecksum: 1, nameAllocated: 1, nameCapacity: 1} {
+		nameInFlight: 3, nameDuration: 2 * (numBuckets + 2), nameStoreChecksum: 1, nameStoreFree: 1, nameAllocated: 1, nameCapacity: 1} {
 		if got := len(x.families[n].samples); got != want {
 			t.Errorf("%s: %d samples, want %d", n, got, want)
 		}
@@ -307,6 +308,7 @@ func TestWriteText(t *testing.T) {
 	expect(5, nameDuration+"_sum", "volume", "vol-b", "queue", "0", "op", "write-zeroes")
 	expect(3, nameStoreChecksum, "volume", "vol-a")
 	expect(1<<30, nameAllocated, "volume", "vol-a")
+	expect(7<<20, nameStoreFree, "volume", "vol-a")
 	expect(10<<30, nameCapacity, "volume", "vol-b")
 	if _, ok := x.find(nameDuration+"_count", "volume", "vol-a", "queue", "0", "op", "read"); ok {
 		t.Error("histogram series for an op never observed")

@@ -74,6 +74,7 @@ const (
 	nameInFlight      = "virtblk_requests_in_flight"
 	nameDuration      = "virtblk_request_duration_seconds"
 	nameStoreChecksum = "virtblk_store_checksum_failures_total"
+	nameStoreFree     = "virtblk_store_free_bytes"
 	nameAllocated     = "virtblk_volume_allocated_bytes"
 	nameCapacity      = "virtblk_volume_capacity_bytes"
 )
@@ -175,6 +176,8 @@ func (r *Registry) WriteText(w io.Writer) error {
 
 	e.volumeFunc(vols, nameStoreChecksum, "counter", "Blocks whose checksum did not match, counted by the volume's backing store (store-wide).",
 		func(v *VolumeStats) func() uint64 { return v.storeChecksum })
+	e.volumeFunc(vols, nameStoreFree, "gauge", "Bytes left for new blocks in the volume's backing store (store-wide); at 0 writes to unmapped blocks fail.",
+		func(v *VolumeStats) func() uint64 { return v.storeFree })
 	e.volumeFunc(vols, nameAllocated, "gauge", "Bytes the volume occupies in its backing store.",
 		func(v *VolumeStats) func() uint64 { return v.allocated })
 	e.volumeFunc(vols, nameCapacity, "gauge", "Size of the volume as the guest sees it, in bytes.",

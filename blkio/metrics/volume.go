@@ -27,6 +27,10 @@ type VolumeOptions struct {
 	// checksum did not match (store.Stats().ChecksumErrors). It is
 	// store-wide: volumes sharing a store report the same number.
 	StoreChecksumFailures func() uint64
+	// StoreFreeBytes is the space left for new blocks in the backing store
+	// (store-wide, like StoreChecksumFailures). A thin store that runs out
+	// fails writes to unmapped blocks with an I/O error.
+	StoreFreeBytes func() uint64
 	// AllocatedBytes is the space the volume occupies in its store.
 	AllocatedBytes func() uint64
 	// CapacityBytes is the size the guest sees.
@@ -41,6 +45,7 @@ type VolumeStats struct {
 	queues []*QueueStats
 
 	storeChecksum func() uint64
+	storeFree     func() uint64
 	allocated     func() uint64
 	capacity      func() uint64
 }
@@ -60,6 +65,7 @@ func NewVolume(o VolumeOptions) (*VolumeStats, error) {
 		queues:        make([]*QueueStats, o.Queues),
 		storeChecksum: o.StoreChecksumFailures,
 		allocated:     o.AllocatedBytes,
+		storeFree:     o.StoreFreeBytes,
 		capacity:      o.CapacityBytes,
 	}
 	for i := range v.queues {

@@ -157,6 +157,7 @@ func serveStore(ctx context.Context, c serveConfig, log *slog.Logger) (err error
 				StoreChecksumFailures: func() uint64 { return s.Stats().ChecksumErrors },
 				CapacityBytes:         bv.Size,
 				AllocatedBytes:        bv.AllocatedBytes,
+				StoreFreeBytes:        func() uint64 { return s.Stats().FreeBytes() },
 			})
 			if err == nil {
 				err = reg.Add(vs)

@@ -396,6 +396,7 @@ func (h *Hook) start(d config.ServedDisk) error {
 		StoreChecksumFailures: func() uint64 { return st.Stats().ChecksumErrors },
 		CapacityBytes:         vol.Size,
 		AllocatedBytes:        vol.AllocatedBytes,
+		StoreFreeBytes:        func() uint64 { return st.Stats().FreeBytes() },
 	})
 	if err == nil {
 		err = h.reg.Add(stats)

@@ -358,7 +358,7 @@ func TestHookServesFromStore(t *testing.T) {
 	resp.Body.Close()
 	// The 64 KiB pattern at sector 2048 maps 16 blocks of a thin volume.
 	for _, want := range []string{`virtblk_requests_total{volume="data",queue="1",op="write"} 1`, `virtblk_volume_capacity_bytes{volume="data"} 1073741824`,
-		`virtblk_volume_allocated_bytes{volume="data"} 65536`} {
+		`virtblk_volume_allocated_bytes{volume="data"} 65536`, `virtblk_store_free_bytes{volume="data"} `} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
 		}

@@ -108,6 +108,9 @@ type Stats struct {
 	Leaves                   int64
 }
 
+// FreeBytes is the space left for new data blocks.
+func (st Stats) FreeBytes() uint64 { return (st.DataBlocks - st.UsedBlocks) * blockSize }
+
 type paddedCounter struct {
 	n atomic.Int64
 	_ cpu.CacheLinePad
