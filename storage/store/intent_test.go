@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/virtblk/virtblk/storage/sim"
@@ -295,5 +296,25 @@ func TestOpenPathIntentFile(t *testing.T) {
 	got := make([]byte, blockSize)
 	if err := waitIO(nil, func(done func(error)) { v.ReadAt(got, 0, done) }); err != nil || !bytes.Equal(got, blockOf(5)) {
 		t.Fatalf("reopen: %v, data intact %v", err, bytes.Equal(got, blockOf(5)))
+	}
+}
+
+// Opening something that is not a store leaves no intent file beside it,
+// and a missing store says how to make one.
+func TestOpenPathRefusals(t *testing.T) {
+	dir := t.TempDir()
+	junk := filepath.Join(dir, "junk.vbs")
+	if err := os.WriteFile(junk, make([]byte, 64<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := OpenPath(junk, Options{}); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("open of a zeroed file: %v, want ErrCorrupt", err)
+	}
+	if _, err := os.Stat(IntentPath(junk)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("intent file left beside a file that is not a store: %v", err)
+	}
+	missing := filepath.Join(dir, "missing.vbs")
+	if _, _, err := OpenPath(missing, Options{}); err == nil || !strings.Contains(err.Error(), "virtblk store create") {
+		t.Fatalf("open of a missing store: %v, want a hint to create it", err)
 	}
 }

@@ -57,7 +57,7 @@ func OpenPath(path string, o Options) (s *Store, close func() error, err error) 
 		o.Logger.Warn("store I/O fallback", "store", path, "note", note)
 	}
 	ipath := IntentPath(path)
-	mem, err := mapIntent(ipath, path)
+	mem, created, err := mapIntent(ipath, path)
 	if err != nil {
 		d.Close()
 		return nil, nil, fmt.Errorf("open store %s: %w", path, err)
@@ -65,6 +65,9 @@ func OpenPath(path string, o Options) (s *Store, close func() error, err error) 
 	boot, err := bootID()
 	if err != nil {
 		unix.Munmap(mem)
+		if created {
+			os.Remove(ipath)
+		}
 		d.Close()
 		return nil, nil, fmt.Errorf("open store %s: %w", path, err)
 	}
@@ -72,6 +75,9 @@ func OpenPath(path string, o Options) (s *Store, close func() error, err error) 
 	s, err = Open(d, o)
 	if err != nil {
 		unix.Munmap(mem)
+		if created {
+			os.Remove(ipath) // not a store we can open: leave nothing beside it
+		}
 		d.Close()
 		return nil, nil, fmt.Errorf("open store %s: %w", path, err)
 	}
@@ -92,12 +98,13 @@ func OpenPath(path string, o Options) (s *Store, close func() error, err error) 
 // predecessor left. A new file gets the store file's owner and permission
 // bits, so whoever may open the store (say the sidecar as uid 107, after an
 // admin made the store as root) may open its log.
-func mapIntent(path, storePath string) ([]byte, error) {
+func mapIntent(path, storePath string) (mem []byte, created bool, err error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("intent log directory: %w", err)
+		return nil, false, fmt.Errorf("intent log directory: %w", err)
 	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL|unix.O_CLOEXEC, 0o600)
 	if err == nil {
+		created = true
 		var st unix.Stat_t
 		if unix.Stat(storePath, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
 			f.Chmod(os.FileMode(st.Mode & 0o660))
@@ -109,28 +116,34 @@ func mapIntent(path, storePath string) ([]byte, error) {
 		f, err = os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("intent log: %w", err)
+		return nil, false, fmt.Errorf("intent log: %w", err)
 	}
 	defer f.Close()
+	fail := func(err error) ([]byte, bool, error) {
+		if created {
+			os.Remove(path)
+		}
+		return nil, false, err
+	}
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("intent log %s: %w", path, err)
+		return fail(fmt.Errorf("intent log %s: %w", path, err))
 	}
 	size := fi.Size()
 	if size < MinIntentSize {
 		size = IntentFileSize
 		if err := f.Truncate(size); err != nil {
-			return nil, fmt.Errorf("intent log %s: size it to %d bytes: %w", path, size, err)
+			return fail(fmt.Errorf("intent log %s: size it to %d bytes: %w", path, size, err))
 		}
 	}
 	if size > 1<<30 {
-		return nil, fmt.Errorf("intent log %s is %d bytes, more than 1 GiB; delete it if the store is not running", path, size)
+		return fail(fmt.Errorf("intent log %s is %d bytes, more than 1 GiB; delete it if the store is not running", path, size))
 	}
-	mem, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	mem, err = unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
-		return nil, fmt.Errorf("map intent log %s: %w", path, err)
+		return fail(fmt.Errorf("map intent log %s: %w", path, err))
 	}
-	return mem, nil
+	return mem, created, nil
 }
 
 // bootID names this boot of the machine: an intent log written under

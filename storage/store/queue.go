@@ -32,6 +32,7 @@ func (b *BlockVolume) BlockSize() uint32    { return blockSize }
 func (b *BlockVolume) ReadOnly() bool       { return b.h.ReadOnly() }
 func (b *BlockVolume) CanDiscard() bool     { return !b.h.ReadOnly() }
 func (b *BlockVolume) CanWriteZeroes() bool { return !b.h.ReadOnly() }
+
 // AllocatedBytes is the space the volume's mapped blocks take in the store
 // (blocks shared with snapshots or clones included). It walks the block
 // map: a few milliseconds per million mapped blocks, fine for a scrape.

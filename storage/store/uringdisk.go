@@ -213,6 +213,9 @@ type DiskCloser interface {
 // file system without O_DIRECT) it falls back to FileDisk and says so
 // through the returned note.
 func OpenDisk(path string) (DiskCloser, string, error) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil, "", fmt.Errorf("store %s does not exist; create it with `virtblk store create --store %s --size SIZE`", path, path)
+	}
 	d, err := OpenUringDisk(path)
 	if err == nil {
 		return d, "", nil
