@@ -141,6 +141,10 @@ func serveStore(ctx context.Context, c serveConfig, log *slog.Logger) (err error
 	start := func(t volumeSpec) error {
 		bv, err := s.BlockVolume(t.name)
 		if err != nil {
+			if errors.Is(err, store.ErrNotFound) {
+				return fmt.Errorf("volume %s of %s: %w; list them with `virtblk volume list --store %s`, create it with `virtblk volume create --store %s --name %s --size SIZE`",
+					t.name, c.store, err, c.store, c.store, t.name)
+			}
 			return fmt.Errorf("volume %s of %s: %w", t.name, c.store, err)
 		}
 		vols = append(vols, bv)
