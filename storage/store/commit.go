@@ -15,9 +15,9 @@ type committer struct {
 	running bool
 	again   bool
 	waiters []func(error)
-	// idle run when no commit is running or queued: a FLUSH completes
-	// before its commit's checkpoint is written, Sync and Close wait for
-	// that too.
+	// idle run when the commit running at the time they were added has
+	// finished: a FLUSH completes before its commit's checkpoint is
+	// written, Sync and Close wait for that too.
 	idle []func(error)
 
 	// Owned by the running commit.
@@ -145,10 +145,10 @@ func (s *Store) commitDone(w []func(error), err error) {
 	s.c.mu.Lock()
 	s.c.running = false
 	more := s.c.again || len(s.c.waiters) > 0
-	var idle []func(error)
-	if !more || s.failure() != nil {
-		idle, s.c.idle = s.c.idle, nil
-	}
+	// Waiters for the end of the running commit, not for a quiet store:
+	// under steady writes commits follow each other without a gap.
+	idle := s.c.idle
+	s.c.idle = nil
 	s.c.mu.Unlock()
 	s.reclaim()
 	for _, f := range idle {
@@ -159,7 +159,7 @@ func (s *Store) commitDone(w []func(error), err error) {
 	}
 }
 
-// whenIdle calls done once no commit is running.
+// whenIdle calls done once the commit running now (if any) has finished.
 func (s *Store) whenIdle(done func(error)) {
 	s.c.mu.Lock()
 	if s.c.running {
