@@ -21,6 +21,8 @@ import (
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha1"
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha2"
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha3"
+
+	"github.com/virtblk/virtblk/internal/unixsock"
 )
 
 // Default socket directories, as KubeVirt mounts them.
@@ -35,9 +37,6 @@ const (
 	// directory: the Plugin CR names the path, so it cannot be random.
 	PluginSocketName = "virtblk.sock"
 )
-
-// maxSocketPath is the size of sun_path minus its terminating NUL.
-const maxSocketPath = 107
 
 // SocketDir is a directory to serve a socket in.
 type SocketDir struct {
@@ -253,24 +252,19 @@ func listenFixed(dir, name string) (net.Listener, error) {
 		return nil, fmt.Errorf("create plugin directory %s: %w", dir, err)
 	}
 	path := filepath.Join(dir, name)
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("listen on %s: the path exists and is not a socket; remove it", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("listen on %s: another process is serving this socket; stop it or use another --plugin-dir", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
-		}
+	ln, err := unixsock.Listen(path)
+	if errors.Is(err, unixsock.ErrInUse) {
+		return nil, fmt.Errorf("%w; stop it or use another --plugin-dir", err)
 	}
-	return listenUnix(path)
+	if err != nil {
+		return nil, err
+	}
+	return ln, nil
 }
 
 func listenUnix(path string) (net.Listener, error) {
-	if len(path) > maxSocketPath {
-		return nil, fmt.Errorf("listen on %s: path is %d bytes, longer than the %d a unix socket allows; use a shorter directory", path, len(path), maxSocketPath)
+	if err := unixsock.CheckPath(path); err != nil {
+		return nil, err
 	}
 	l, err := net.Listen("unix", path)
 	if err != nil {

@@ -35,6 +35,8 @@ import (
 	"github.com/virtblk/virtblk/blkio/virtioblk"
 	"github.com/virtblk/virtblk/storage"
 	"github.com/virtblk/virtblk/storage/rawvol"
+
+	"github.com/virtblk/virtblk/internal/unixsock"
 )
 
 func main() {
@@ -243,34 +245,11 @@ func startMetrics(ctx context.Context, c serveConfig, b *vhostblk.Backend, log *
 	return func() { cancel(); <-done }, nil
 }
 
-// listen binds the socket, replacing a stale socket file left by a process
-// that died (SIGKILL leaves it behind) but refusing to steal a live one.
+// listen binds the socket (see unixsock.Listen) with virtblkd's hints.
 func listen(path string) (*net.UnixListener, error) {
-	addr := &net.UnixAddr{Name: path, Net: "unix"}
-	ln, err := net.ListenUnix("unix", addr)
-	if err == nil {
-		return ln, nil
+	ln, err := unixsock.Listen(path)
+	if errors.Is(err, unixsock.ErrInUse) {
+		return nil, fmt.Errorf("%w; stop it first or choose another --socket", err)
 	}
-	if !errors.Is(err, syscall.EADDRINUSE) {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	fi, serr := os.Lstat(path)
-	if serr != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	if fi.Mode()&os.ModeSocket == 0 {
-		return nil, fmt.Errorf("listen on %s: the path exists and is not a socket; remove it or choose another --socket", path)
-	}
-	if conn, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
-		conn.Close()
-		return nil, fmt.Errorf("listen on %s: another process is serving this socket; stop it first", path)
-	}
-	if rerr := os.Remove(path); rerr != nil {
-		return nil, fmt.Errorf("remove stale socket %s: %w", path, rerr)
-	}
-	ln, err = net.ListenUnix("unix", addr)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	return ln, nil
+	return ln, err
 }

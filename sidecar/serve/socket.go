@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"syscall"
-	"time"
+
+	"github.com/virtblk/virtblk/internal/unixsock"
 )
 
 // Permissions for QEMU (uid/gid 107 in virt-launcher, all capabilities
@@ -41,34 +41,11 @@ func grant(path string, gid int, mode, open os.FileMode) (fellBack bool, err err
 	return true, nil
 }
 
-// listen binds a unix socket at path. A socket file left by a sidecar
-// that died is replaced; a socket that still answers is not stolen.
+// listen binds a vhost-user socket (see unixsock.Listen).
 func listen(path string) (*net.UnixListener, error) {
-	addr := &net.UnixAddr{Name: path, Net: "unix"}
-	ln, err := net.ListenUnix("unix", addr)
-	if err == nil {
-		return ln, nil
+	ln, err := unixsock.Listen(path)
+	if errors.Is(err, unixsock.ErrInUse) {
+		return nil, fmt.Errorf("%w; is a second sidecar running in this pod?", err)
 	}
-	if !errors.Is(err, syscall.EADDRINUSE) {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	fi, serr := os.Lstat(path)
-	if serr != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	if fi.Mode()&os.ModeSocket == 0 {
-		return nil, fmt.Errorf("listen on %s: the path exists and is not a socket; remove it", path)
-	}
-	if c, derr := net.DialTimeout("unix", path, time.Second); derr == nil {
-		c.Close()
-		return nil, fmt.Errorf("listen on %s: another process serves this socket; is a second sidecar running in this pod?", path)
-	}
-	if err := os.Remove(path); err != nil {
-		return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
-	}
-	ln, err = net.ListenUnix("unix", addr)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	return ln, nil
+	return ln, err
 }
