@@ -3,9 +3,6 @@
 // both targets back to back, in an order that alternates between rounds
 // (the shared machine's load drifts), and the report gives medians and
 // per-round store/raw ratios. hack/bench-store.sh builds and runs it.
-//
-// `benchstore serve` serves one store volume over vhost-user in-process; it
-// is used for the store target when the virtblkd binary has no --store flag.
 package main
 
 import (
@@ -31,13 +28,7 @@ import (
 )
 
 func main() {
-	var err error
-	if len(os.Args) > 1 && os.Args[1] == "serve" {
-		err = serveStore(os.Args[2:])
-	} else {
-		err = runBench(os.Args[1:])
-	}
-	if err != nil && !errors.Is(err, flag.ErrHelp) {
+	if err := runBench(os.Args[1:]); err != nil && !errors.Is(err, flag.ErrHelp) {
 		fmt.Fprintln(os.Stderr, "benchstore:", err)
 		os.Exit(1)
 	}
@@ -72,8 +63,7 @@ const (
 )
 
 type config struct {
-	virtblkd, self string
-	storeFlag      bool // virtblkd serves --store itself
+	virtblkd       string
 	raw, storePath string
 	volume         string
 	queues         int
@@ -102,14 +92,9 @@ func runBench(args []string) error {
 	if err := os.MkdirAll(*dir, 0o755); err != nil {
 		return err
 	}
-	self, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	help, _ := exec.Command(*virtblkd, "serve", "-h").CombinedOutput()
 	c := config{
-		virtblkd: *virtblkd, self: self, storeFlag: strings.Contains(string(help), "-store"),
-		raw: filepath.Join(*dir, "raw.img"), storePath: filepath.Join(*dir, "bench.vbs"),
+		virtblkd: *virtblkd,
+		raw:      filepath.Join(*dir, "raw.img"), storePath: filepath.Join(*dir, "bench.vbs"),
 		volume: "bench", queues: *queues, dir: *dir,
 	}
 	size := uint64(*sizeMiB) << 20
@@ -138,13 +123,9 @@ func runBench(args []string) error {
 			}
 		}
 	}
-	server := "virtblkd serve --store"
-	if !c.storeFlag {
-		server = "benchstore serve (in-process store + virtioblk + vhostuser; this virtblkd has no --store)"
-	}
 	host, _ := os.Hostname()
-	fmt.Printf("Run on %s, %s, kernel %s; %d rounds x %v per job; volume and raw image %d MiB in %s; %d back-end queues; store served by %s; took %v.\n\n",
-		host, cpuModel(), kernel(), *rounds, *runtime, *sizeMiB, *dir, *queues, server, time.Since(started).Round(time.Second))
+	fmt.Printf("Run on %s, %s, kernel %s; %d rounds x %v per job; volume and raw image %d MiB in %s; %d back-end queues; store served by virtblkd serve --store; took %v.\n\n",
+		host, cpuModel(), kernel(), *rounds, *runtime, *sizeMiB, *dir, *queues, time.Since(started).Round(time.Second))
 	return report(os.Stdout, js, results)
 }
 
@@ -217,17 +198,13 @@ func prepareStore(ctx context.Context, c config, size uint64, log *slog.Logger) 
 // runJob starts the target's back-end, runs one job against it and stops it.
 func runJob(ctx context.Context, c config, tgt string, j jobSpec, log *slog.Logger) (*bench.Result, error) {
 	sock := filepath.Join(c.dir, tgt+".sock")
-	bin, args := c.virtblkd, []string{"serve", "--socket", sock, "--queues", fmt.Sprint(c.queues)}
-	switch {
-	case tgt == tRaw:
+	args := []string{"serve", "--socket", sock, "--queues", fmt.Sprint(c.queues)}
+	if tgt == tRaw {
 		args = append(args, "--file", c.raw)
-	case c.storeFlag:
-		args = append(args, "--store", c.storePath, "--volume", c.volume)
-	default:
-		bin = c.self
+	} else {
 		args = append(args, "--store", c.storePath, "--volume", c.volume)
 	}
-	p, err := startBackend(bin, args, sock, filepath.Join(c.dir, tgt+".log"))
+	p, err := startBackend(c.virtblkd, args, sock, filepath.Join(c.dir, tgt+".log"))
 	if err != nil {
 		return nil, err
 	}

@@ -6,9 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
-	"time"
 
 	"github.com/virtblk/virtblk/hack/vmtest"
 )
@@ -75,7 +73,7 @@ func TestLibblkioFrontEnd(t *testing.T) {
 				scVirtblk(t, vb, "volume", "create", "--store", storePath, "--name", "vol", "--size", "64M")
 				args = []string{"serve", "--store", storePath, "--volume", "vol=" + sock, "--queues", "2"}
 			}
-			d := startDaemon(t, virtblkd, sock, args...)
+			d := vuSpawn(t, virtblkd, sock, args...)
 			opts := "driver=virtio-blk-vhost-user,path=" + sock + ",cache.direct=on"
 
 			qio := []string{"qemu-io", "--image-opts", opts}
@@ -133,37 +131,6 @@ func TestLibblkioFrontEnd(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-// startDaemon starts virtblkd with args and waits until it serves sock.
-func startDaemon(t *testing.T, bin, sock string, args ...string) *vuDaemon {
-	t.Helper()
-	d := &vuDaemon{log: new(bytes.Buffer), mu: new(sync.Mutex), done: make(chan struct{})}
-	d.cmd = exec.Command(bin, args...)
-	d.cmd.Stderr = lockedWriter{d.mu, d.log}
-	d.cmd.Stdout = d.cmd.Stderr
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
-		d.cmd.Process.Kill()
-		<-d.done
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if fi, err := os.Stat(sock); err == nil && fi.Mode()&os.ModeSocket != 0 && strings.Contains(d.logs(), "serving") {
-			return d
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("virtblkd exited at start:\n%s", d.logs())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("virtblkd did not serve %s within 30s:\n%s", sock, d.logs())
-		}
 	}
 }
 

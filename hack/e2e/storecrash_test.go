@@ -62,78 +62,26 @@ func scBuild(t *testing.T, dir, pkg string) string {
 	return bin
 }
 
-// scServer starts the process that serves a store volume: virtblkd when it
-// has --store, else hack/benchstore's in-process equivalent.
+// scServer starts virtblkd serving one volume of a store.
 type scServer struct {
 	bin       string
 	storePath string
 	volume    string
-	name      string
 }
 
 func scNewServer(t *testing.T, dir, storePath, volume string) scServer {
-	vd := scBuild(t, dir, "./cmd/virtblkd")
-	help, _ := exec.Command(vd, "serve", "-h").CombinedOutput()
-	if strings.Contains(string(help), "-store") {
-		return scServer{vd, storePath, volume, "virtblkd"}
-	}
-	t.Log("virtblkd has no --store flag yet: serving the store with hack/benchstore serve (same store, virtioblk and vhostuser packages, in its own process)")
-	return scServer{scBuild(t, dir, "./hack/benchstore"), storePath, volume, "benchstore serve"}
+	return scServer{scBuild(t, dir, "./cmd/virtblkd"), storePath, volume}
 }
 
 // forVolume is the same server for another volume of the store.
 func (s scServer) forVolume(v string) scServer { s.volume = v; return s }
 
-// start starts the server on sock. The store's flock belongs to the open
-// file, and a SIGKILLed process's io_uring can keep its file open for a
-// moment after the process is gone, so a start refused with "open in
-// another process" right after a kill is retried for a few seconds.
+// start starts the server on sock. A SIGKILLed predecessor's io_uring can
+// hold the store's lock a moment after it is gone; store.OpenPath waits
+// for that itself.
 func (s scServer) start(t *testing.T, sock string) *vuDaemon {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		d, busy := s.try(t, sock)
-		if d != nil {
-			return d
-		}
-		if !busy || time.Now().After(deadline) {
-			t.Fatalf("%s did not start", s.name)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func (s scServer) try(t *testing.T, sock string) (*vuDaemon, bool) {
-	t.Helper()
-	d := &vuDaemon{log: new(bytes.Buffer), mu: new(sync.Mutex), done: make(chan struct{})}
-	d.cmd = exec.Command(s.bin, "serve", "--store", s.storePath, "--volume", s.volume, "--queues", "2", "--socket", sock)
-	d.cmd.Stderr = lockedWriter{d.mu, d.log}
-	d.cmd.Stdout = d.cmd.Stderr
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { d.cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
-		d.cmd.Process.Kill()
-		<-d.done
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if fi, err := os.Stat(sock); err == nil && fi.Mode()&os.ModeSocket != 0 && strings.Contains(d.logs(), "serving") {
-			return d, false
-		}
-		select {
-		case <-d.done:
-			if strings.Contains(d.logs(), "open in another process") {
-				return nil, true
-			}
-			t.Fatalf("%s exited at start:\n%s", s.name, d.logs())
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not listen on %s within 30s:\n%s", s.name, sock, d.logs())
-		}
-	}
+	return vuSpawn(t, s.bin, sock, "serve", "--store", s.storePath, "--volume", s.volume, "--queues", "2", "--socket", sock)
 }
 
 func scVirtblk(t *testing.T, bin string, args ...string) string {

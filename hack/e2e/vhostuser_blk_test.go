@@ -67,8 +67,17 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 
 func vuStart(t *testing.T, bin, sock, img string, extra ...string) *vuDaemon {
 	t.Helper()
-	d := &vuDaemon{log: new(bytes.Buffer), mu: new(sync.Mutex), done: make(chan struct{})}
 	args := append([]string{"serve", "--socket", sock, "--file", img, "--queues", "2", "--serial", "virtblk-e2e"}, extra...)
+	return vuSpawn(t, bin, sock, args...)
+}
+
+// vuSpawn runs bin with args (a virtblkd, or a server built like it) and
+// waits until it serves sock: QEMU's vhost-user-blk realize needs the
+// back-end listening. The test fails if the process exits first or does
+// not listen within 30 s; cleanup kills it.
+func vuSpawn(t *testing.T, bin, sock string, args ...string) *vuDaemon {
+	t.Helper()
+	d := &vuDaemon{log: new(bytes.Buffer), mu: new(sync.Mutex), done: make(chan struct{})}
 	d.cmd = exec.Command(bin, args...)
 	d.cmd.Stderr = lockedWriter{d.mu, d.log}
 	d.cmd.Stdout = d.cmd.Stderr
@@ -80,7 +89,6 @@ func vuStart(t *testing.T, bin, sock, img string, extra ...string) *vuDaemon {
 		d.cmd.Process.Kill()
 		<-d.done
 	})
-	// QEMU's vhost-user-blk realize needs the back-end listening.
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if fi, err := os.Stat(sock); err == nil && fi.Mode()&os.ModeSocket != 0 && strings.Contains(d.logs(), "serving") {
@@ -88,13 +96,12 @@ func vuStart(t *testing.T, bin, sock, img string, extra ...string) *vuDaemon {
 		}
 		select {
 		case <-d.done:
-			t.Fatalf("virtblkd exited at start:\n%s", d.logs())
-		default:
+			t.Fatalf("%s exited at start:\n%s", filepath.Base(bin), d.logs())
+		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("virtblkd did not listen on %s within 30s:\n%s", sock, d.logs())
+			t.Fatalf("%s did not listen on %s within 30s:\n%s", filepath.Base(bin), sock, d.logs())
 		}
-		time.Sleep(20 * time.Millisecond)
 	}
 }
 
