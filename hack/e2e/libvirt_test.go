@@ -202,23 +202,9 @@ func TestLibvirtIOThreadVQMapping(t *testing.T) {
 	if !strings.HasPrefix(dir, "/tmp/") {
 		t.Fatalf("test temp dir %s is not under /tmp; unset TMPDIR", dir)
 	}
-	initrd, err := vmtest.Initrd(img, dir, guestScript, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kernel := filepath.Join(dir, "vmlinux")
-	if err := os.Link(img.Kernel, kernel); err != nil {
-		b, rerr := os.ReadFile(img.Kernel)
-		if rerr != nil || os.WriteFile(kernel, b, 0o644) != nil {
-			t.Fatalf("place kernel in %s: %v", dir, err)
-		}
-	}
 	const mib = 1 << 20
 	sizes := map[string]int64{"ua-rootdisk": 8 * mib, "ua-datadisk": 12 * mib, "ua-cloudinitdisk": 4 * mib}
-	files := map[string]string{}
-	for alias, size := range sizes {
-		files[alias] = rawImage(t, dir, alias+".img", size)
-	}
+	initrd, kernel, files := libvirtGuestFiles(t, img, dir, guestScript, nil, sizes)
 	name := fmt.Sprintf("virtblk-e2e-%d", os.Getpid())
 	console := filepath.Join(dir, "console.log")
 	dom, err := domainxml.ParseDomain(rewritten)
@@ -486,4 +472,28 @@ func TestMountsUnder(t *testing.T) {
 	if len(got) != 1 || got[0] != "/var/cache/virtblk/trixie/proc" {
 		t.Fatalf("mountsUnder = %v", got)
 	}
+}
+
+// libvirtGuestFiles puts what a libvirt test guest boots from into dir
+// (under /tmp, the only host path the trixie root sees): the initramfs
+// running script with extra files, the kernel, and a raw image of the
+// given size per disk alias.
+func libvirtGuestFiles(t *testing.T, img vmtest.Image, dir, script string, extra map[string][]byte, sizes map[string]int64) (initrd, kernel string, disks map[string]string) {
+	t.Helper()
+	initrd, err := vmtest.Initrd(img, dir, script, extra)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kernel = filepath.Join(dir, "vmlinux")
+	if err := os.Link(img.Kernel, kernel); err != nil {
+		b, rerr := os.ReadFile(img.Kernel)
+		if rerr != nil || os.WriteFile(kernel, b, 0o644) != nil {
+			t.Fatalf("place kernel in %s: %v", dir, err)
+		}
+	}
+	disks = map[string]string{}
+	for alias, size := range sizes {
+		disks[alias] = rawImage(t, dir, alias+".img", size)
+	}
+	return initrd, kernel, disks
 }

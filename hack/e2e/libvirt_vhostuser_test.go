@@ -77,23 +77,9 @@ func TestLibvirtVhostUserDisk(t *testing.T) {
 	env := startLibvirtd(t)
 	t.Logf("virtblkd + libvirtd ready after %s", time.Since(start).Round(time.Millisecond))
 
-	initrd, err := vmtest.Initrd(img, dir, vuLibvirtScript, map[string][]byte{"/hostpattern": vuPattern()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	kernel := filepath.Join(dir, "vmlinux")
-	if err := os.Link(img.Kernel, kernel); err != nil {
-		b, rerr := os.ReadFile(img.Kernel)
-		if rerr != nil || os.WriteFile(kernel, b, 0o644) != nil {
-			t.Fatalf("place kernel in %s: %v", dir, err)
-		}
-	}
 	const mib = 1 << 20
-	sizes := map[string]int64{"ua-rootdisk": 8 * mib, "ua-cloudinitdisk": 4 * mib}
-	files := map[string]string{}
-	for alias, size := range sizes {
-		files[alias] = rawImage(t, dir, alias+".img", size)
-	}
+	initrd, kernel, files := libvirtGuestFiles(t, img, dir, vuLibvirtScript, map[string][]byte{"/hostpattern": vuPattern()},
+		map[string]int64{"ua-rootdisk": 8 * mib, "ua-cloudinitdisk": 4 * mib})
 	name := fmt.Sprintf("virtblk-e2e-vu-%d", os.Getpid())
 	console := filepath.Join(dir, "console.log")
 	dom, err := domainxml.ParseDomain(rewritten)
