@@ -92,6 +92,26 @@ func refeed(original, defined []byte, rootPorts int) ([]byte, error) {
 	return out.Marshal(), nil
 }
 
+// Canonical drops what libvirt's define adds between hook calls (disk
+// addresses, PCI controllers), so the domains two OnDefineDomain calls
+// returned can be compared for the same mapping.
+func Canonical(domXML []byte) ([]byte, error) {
+	dom, err := parseDomain("domain", domXML)
+	if err != nil {
+		return nil, err
+	}
+	if devs := dom.Child("devices"); devs != nil {
+		for _, d := range devs.All("disk") {
+			d.Remove(func(c *xmltree.Node) bool { return c.Name == "address" })
+		}
+		devs.Remove(func(c *xmltree.Node) bool {
+			t, _ := c.Attr("type")
+			return c.Name == "controller" && t == "pci"
+		})
+	}
+	return dom.Marshal(), nil
+}
+
 func parseDomain(what string, b []byte) (*xmltree.Node, error) {
 	n, err := xmltree.Parse(b)
 	if err != nil {

@@ -1,6 +1,7 @@
 package kvsim
 
 import (
+	"bytes"
 	"strings"
 	"testing"
 
@@ -152,5 +153,33 @@ func TestRefeedErrors(t *testing.T) {
 	}
 	if _, err := Refeed([]byte(original), []byte("<network/>")); err == nil || !strings.Contains(err.Error(), "defined") {
 		t.Errorf("bad defined: %v", err)
+	}
+}
+
+func TestCanonical(t *testing.T) {
+	plain := []byte(`<domain type="kvm"><name>x</name><devices>` +
+		`<disk type="file" device="disk"><source file="/a"/><target dev="vda" bus="virtio"/></disk>` +
+		`<controller type="usb" index="0"/></devices></domain>`)
+	defined := []byte(`<domain type="kvm"><name>x</name><devices>` +
+		`<disk type="file" device="disk"><source file="/a"/><target dev="vda" bus="virtio"/>` +
+		`<address type="pci" domain="0x0000" bus="0x01" slot="0x00" function="0x0"/></disk>` +
+		`<controller type="usb" index="0"/><controller type="pci" index="0" model="pcie-root"/>` +
+		`<controller type="pci" index="1" model="pcie-root-port"/></devices></domain>`)
+	a, err := Canonical(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Canonical(defined)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(a, b) {
+		t.Fatalf("canonical forms differ:\n%s\n%s", a, b)
+	}
+	if !bytes.Contains(b, []byte(`controller type="usb"`)) {
+		t.Fatalf("non-PCI controller dropped:\n%s", b)
+	}
+	if _, err := Canonical([]byte(`<network/>`)); err == nil {
+		t.Fatal("a non-domain document was accepted")
 	}
 }

@@ -358,25 +358,10 @@ func srvDial(t *testing.T, path string) *grpc.ClientConn {
 	return conn
 }
 
-// srvCanonical drops what libvirt's define adds between calls (device
-// addresses, PCI controllers) so that define outputs can be compared.
+// srvCanonical is kvsim.Canonical for tests.
 func srvCanonical(t *testing.T, domXML []byte) []byte {
 	t.Helper()
-	dom, err := domainxml.ParseDomain(domXML)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range dom.Devices.Disks {
-		dom.Devices.Disks[i].Address = nil
-	}
-	var ctrls []libvirtxml.DomainController
-	for _, c := range dom.Devices.Controllers {
-		if c.Type != "pci" {
-			ctrls = append(ctrls, c)
-		}
-	}
-	dom.Devices.Controllers = ctrls
-	out, err := domainxml.MarshalDomain(dom)
+	out, err := kvsim.Canonical(domXML)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -104,25 +104,10 @@ func TestRewriteConvergesUnderRefeed(t *testing.T) {
 	}
 }
 
-// canonical drops what libvirt's define adds (device addresses, PCI
-// controllers), so outputs of different calls can be compared.
+// canonical is kvsim.Canonical for tests.
 func canonical(t *testing.T, domXML []byte) []byte {
 	t.Helper()
-	dom, err := domainxml.ParseDomain(domXML)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range dom.Devices.Disks {
-		dom.Devices.Disks[i].Address = nil
-	}
-	var ctrls []libvirtxml.DomainController
-	for _, c := range dom.Devices.Controllers {
-		if c.Type != "pci" {
-			ctrls = append(ctrls, c)
-		}
-	}
-	dom.Devices.Controllers = ctrls
-	out, err := domainxml.MarshalDomain(dom)
+	out, err := kvsim.Canonical(domXML)
 	if err != nil {
 		t.Fatal(err)
 	}
