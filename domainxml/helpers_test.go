@@ -14,6 +14,8 @@ import (
 	"libvirt.org/go/libvirtxml"
 
 	"github.com/virtblk/virtblk/domainxml/internal/xmltree"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // fixtures are KubeVirt-generated domain XMLs written from the converter
@@ -198,26 +200,13 @@ func schemaPath(t testing.TB) string {
 		}
 		dir = parent
 	}
-	missing(t, "libvirt schema shared/schemas/libvirt/domain.rng not found above the test directory (set VIRTBLK_LIBVIRT_RNG)")
+	testenv.Missing(t, "libvirt schema shared/schemas/libvirt/domain.rng not found above the test directory (set VIRTBLK_LIBVIRT_RNG)")
 	return ""
 }
 
 func xmllintPath(t testing.TB) string {
 	t.Helper()
-	p, err := exec.LookPath("xmllint")
-	if err != nil {
-		missing(t, "xmllint not found; apt-get install -y libxml2-utils")
-	}
-	return p
-}
-
-// missing skips locally but fails in CI, where the infrastructure must exist.
-func missing(t testing.TB, msg string) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	return testenv.Tool(t, "xmllint", "libxml2-utils")
 }
 
 // forSchema normalises the KubeVirt-isms that libvirt accepts but its own

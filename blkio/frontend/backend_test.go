@@ -10,21 +10,9 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-)
 
-// needTool finds a binary the test needs; outside CI a missing tool skips,
-// in CI (CI=true) it fails, because CI is supposed to install it.
-func needTool(t *testing.T, name, pkg string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s not found: install the Debian package %s", name, pkg)
-		}
-		t.Skipf("%s not found (Debian package %s)", name, pkg)
-	}
-	return p
-}
+	"github.com/virtblk/virtblk/internal/testenv"
+)
 
 // makeImage creates a sparse image of size bytes.
 func makeImage(t *testing.T, size int64) string {
@@ -77,7 +65,7 @@ func startProcess(t *testing.T, sock string, name string, args ...string) *exec.
 
 func startQSD(t *testing.T, img string, queues int) string {
 	t.Helper()
-	qsd := needTool(t, "qemu-storage-daemon", "qemu-system-common")
+	qsd := testenv.Tool(t, "qemu-storage-daemon", "qemu-system-common")
 	sock := filepath.Join(t.TempDir(), "qsd.sock")
 	startProcess(t, sock, qsd,
 		"--blockdev", "driver=file,node-name=f,filename="+img+",aio=io_uring,cache.direct=on",
@@ -255,9 +243,6 @@ func buildVirtblkd(t *testing.T) string {
 		t.Fatalf("go env GOMOD: %v", err)
 	}
 	root := filepath.Dir(string(bytes.TrimSpace(out)))
-	if _, err := os.Stat(filepath.Join(root, "cmd", "virtblkd")); err != nil {
-		t.Skip("cmd/virtblkd is not in this tree yet")
-	}
 	bin := filepath.Join(t.TempDir(), "virtblkd")
 	cmd := exec.Command("go", "build", "-o", bin, "./cmd/virtblkd")
 	cmd.Dir = root

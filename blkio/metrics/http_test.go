@@ -8,11 +8,12 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 func testRegistry(t testing.TB) *Registry {
@@ -137,13 +138,7 @@ func TestServeErrors(t *testing.T) {
 // TestPromtool checks the output with Prometheus's own linter (Debian
 // package prometheus). Skipped only outside CI when promtool is missing.
 func TestPromtool(t *testing.T) {
-	path, err := exec.LookPath("promtool")
-	if err != nil {
-		if os.Getenv("CI") == "" {
-			t.Skip("promtool not installed (apt-get install prometheus); required in CI")
-		}
-		t.Fatal("promtool not found; CI must install the Debian package prometheus")
-	}
+	path := testenv.Tool(t, "promtool", "prometheus")
 	reg := testRegistry(t)
 	odd := mustVolume(t, VolumeOptions{Name: "we\"ird\\name\nx\xff", Socket: "/tmp/\"s\"", Queues: 1})
 	odd.Queue(0).Observe(OpFlush, 0, 3*time.Second, StatusOK)

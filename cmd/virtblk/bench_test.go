@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 func TestParseSize(t *testing.T) {
@@ -55,13 +57,7 @@ func TestBenchFlagErrors(t *testing.T) {
 // TestBenchQSD runs a short job against qemu-storage-daemon and checks the
 // JSON report adds up.
 func TestBenchQSD(t *testing.T) {
-	qsd, err := exec.LookPath("qemu-storage-daemon")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("qemu-storage-daemon not found: install the Debian package qemu-system-common")
-		}
-		t.Skip("qemu-storage-daemon not installed (Debian package qemu-system-common)")
-	}
+	qsd := testenv.Tool(t, "qemu-storage-daemon", "qemu-system-common")
 	dir := t.TempDir()
 	img, sock := filepath.Join(dir, "img"), filepath.Join(dir, "sock")
 	if err := os.WriteFile(img, nil, 0o600); err != nil {

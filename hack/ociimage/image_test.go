@@ -17,6 +17,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // fakeBinaries are small generated stand-ins for the real binaries: the
@@ -438,12 +440,7 @@ func TestRun(t *testing.T) {
 // archive as oci-archive and copy it, which verifies every blob's digest,
 // and convert it to a docker-archive.
 func TestSkopeoAcceptsArchive(t *testing.T) {
-	if _, err := exec.LookPath("skopeo"); err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("skopeo not installed: apt-get install skopeo")
-		}
-		t.Skip("skopeo not installed (apt-get install skopeo)")
-	}
+	testenv.Tool(t, "skopeo", "skopeo")
 	dir := t.TempDir()
 	var buf bytes.Buffer
 	res, err := Build(&buf, Spec{Ref: "ghcr.io/virtblk/virtblk:test", OS: "linux", Arch: "amd64",

@@ -34,6 +34,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // Marker lines printed by the guest's /init on the serial console.
@@ -110,19 +112,6 @@ func Script(name string) (string, error) {
 	return p, nil
 }
 
-// Missing reports infrastructure a test cannot run without: it fails the
-// test under CI=true (CI installs everything, so absence is a defect) and
-// skips it elsewhere.
-func Missing(t testing.TB, format string, args ...any) {
-	t.Helper()
-	msg := fmt.Sprintf(format, args...)
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("required test infrastructure missing (CI=true): %s", msg)
-		return
-	}
-	t.Skipf("test infrastructure missing: %s", msg)
-}
-
 // RequireRoot skips (fails under CI) unless running as root, which the
 // image build, the trixie root and libvirt need.
 func RequireRoot(t testing.TB) {
@@ -131,7 +120,7 @@ func RequireRoot(t testing.TB) {
 		t.Skip("boots a VM; skipped under -short")
 	}
 	if os.Geteuid() != 0 {
-		Missing(t, "must run as root to build the guest image and boot QEMU")
+		testenv.Missing(t, "must run as root to build the guest image and boot QEMU")
 	}
 }
 
@@ -165,7 +154,7 @@ func EnsureTrixie(t testing.TB) string {
 	RequireRoot(t)
 	if _, err := os.Stat(filepath.Join(TrixieRoot(), ".virtblk-stamp")); err != nil {
 		if _, err := exec.LookPath("debootstrap"); err != nil {
-			Missing(t, "debootstrap not installed (hack/install-deps.sh)")
+			testenv.Missing(t, "debootstrap not installed (hack/install-deps.sh)")
 		}
 	}
 	script, err := Script("trixie-root.sh")
@@ -295,10 +284,10 @@ func Start(t testing.TB, cfg Config) *VM {
 		kernel = k
 	} else {
 		if _, err := exec.LookPath(qemu[0]); err != nil {
-			Missing(t, "%s not installed (apt-get install qemu-system-x86; hack/install-deps.sh)", qemu[0])
+			testenv.Missing(t, "%s not installed (apt-get install qemu-system-x86; hack/install-deps.sh)", qemu[0])
 		}
 		if _, err := os.Stat(bios); err != nil {
-			Missing(t, "%s missing (apt-get install qemu-system-data)", bios)
+			testenv.Missing(t, "%s missing (apt-get install qemu-system-data)", bios)
 		}
 	}
 	initrd, err := Initrd(img, dir, cfg.Script, cfg.Files)

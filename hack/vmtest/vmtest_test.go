@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 func TestBootEchoHello(t *testing.T) {
@@ -179,7 +181,7 @@ func TestVhostUserBlkQSD(t *testing.T) {
 
 func TestWriteCPIOListsWithCpioTool(t *testing.T) {
 	if _, err := exec.LookPath("cpio"); err != nil {
-		Missing(t, "cpio not installed (hack/install-deps.sh)")
+		testenv.Missing(t, "cpio not installed (hack/install-deps.sh)")
 	}
 	var buf bytes.Buffer
 	files := map[string][]byte{"/test.sh": []byte("echo hi\n"), "/etc/fio/job.fio": []byte("[job]\nrw=read\n"), "odd": {1, 2, 3}}
@@ -257,29 +259,4 @@ func FuzzParseExit(f *testing.F) {
 			t.Fatalf("ok without marker in %q", s)
 		}
 	})
-}
-
-// fakeTB records what Missing does instead of stopping the test.
-type fakeTB struct {
-	testing.TB
-	fatal, skip string
-}
-
-func (f *fakeTB) Helper()                        {}
-func (f *fakeTB) Fatalf(format string, a ...any) { f.fatal = fmt.Sprintf(format, a...) }
-func (f *fakeTB) Skipf(format string, a ...any)  { f.skip = fmt.Sprintf(format, a...) }
-
-func TestMissingFailsUnderCI(t *testing.T) {
-	t.Setenv("CI", "true")
-	f := &fakeTB{TB: t}
-	Missing(f, "no %s", "qemu")
-	if !strings.Contains(f.fatal, "no qemu") || f.skip != "" {
-		t.Fatalf("under CI=true Missing must fail, got fatal=%q skip=%q", f.fatal, f.skip)
-	}
-	t.Setenv("CI", "")
-	f = &fakeTB{TB: t}
-	Missing(f, "no qemu")
-	if f.fatal != "" || !strings.Contains(f.skip, "no qemu") {
-		t.Fatalf("outside CI Missing must skip, got fatal=%q skip=%q", f.fatal, f.skip)
-	}
 }

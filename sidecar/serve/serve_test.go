@@ -26,6 +26,8 @@ import (
 	"github.com/virtblk/virtblk/sidecar/config"
 	"github.com/virtblk/virtblk/sidecar/hooktest"
 	"github.com/virtblk/virtblk/storage/store"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // dialEnv makes the test binary a tiny client that connects to the socket
@@ -498,12 +500,7 @@ func TestRestoreWithoutState(t *testing.T) {
 // QEMU runs as uid/gid 107 with every capability dropped: it must be able
 // to connect, and another unprivileged user must not.
 func TestSocketPermissionsForQEMU(t *testing.T) {
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("needs root to switch to uid 107")
-		}
-		t.Skip("needs root to switch to uid 107")
-	}
+	testenv.Root(t, "switching to uid 107")
 	e := newEnv(t)
 	h := e.hook(t)
 	define(t, h, servePlan("1Gi"))

@@ -12,6 +12,8 @@ import (
 
 	"github.com/virtblk/virtblk/storage"
 	"github.com/virtblk/virtblk/storage/uring"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // The kernel rarely produces short transfers, EAGAIN or EOPNOTSUPP on
@@ -174,7 +176,7 @@ func TestZeroRangeUnsupportedFallsBack(t *testing.T) {
 func TestTmpfs(t *testing.T) {
 	dir, err := os.MkdirTemp("/dev/shm", "rawvol")
 	if err != nil {
-		t.Skipf("no /dev/shm: %v", err)
+		testenv.Missing(t, "/dev/shm: %v", err)
 	}
 	defer os.RemoveAll(dir)
 	path := dir + "/disk.img"
