@@ -235,28 +235,11 @@ func TestQSD(t *testing.T) {
 	}
 }
 
-// buildVirtblkd builds cmd/virtblkd from this module into a temp dir.
-func buildVirtblkd(t *testing.T) string {
-	t.Helper()
-	out, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil {
-		t.Fatalf("go env GOMOD: %v", err)
-	}
-	root := filepath.Dir(string(bytes.TrimSpace(out)))
-	bin := filepath.Join(t.TempDir(), "virtblkd")
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/virtblkd")
-	cmd.Dir = root
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build virtblkd: %v\n%s", err, b)
-	}
-	return bin
-}
-
 func TestVirtblkd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs virtblkd")
 	}
-	bin := buildVirtblkd(t)
+	bin := testenv.Build(t, "./cmd/virtblkd")
 	for _, tc := range []struct {
 		name string
 		opts Options

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/virtblk/virtblk/hack/vmtest"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // TestLibblkioFrontEnd drives virtblkd with a second, independent
@@ -21,8 +23,8 @@ import (
 func TestLibblkioFrontEnd(t *testing.T) {
 	run := vmtest.EnsureTrixie(t)
 	dir := vuTempDir(t) // under /tmp, which trixie-run.sh mounts into the root
-	virtblkd := scBuild(t, dir, "./cmd/virtblkd")
-	vb := scBuild(t, dir, "./cmd/virtblk")
+	virtblkd := testenv.Build(t, "./cmd/virtblkd")
+	vb := testenv.Build(t, "./cmd/virtblk")
 
 	// What the commands below leave on the disk, per byte range.
 	const size = 64 << 20

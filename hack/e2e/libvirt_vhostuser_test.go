@@ -17,6 +17,8 @@ import (
 	"github.com/virtblk/virtblk/hack/vmtest"
 	"github.com/virtblk/virtblk/sidecar/config"
 	"github.com/virtblk/virtblk/sidecar/serve"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // vuLibvirtScript finds the vhost-user disk by its size (64 MiB = 131072
@@ -43,7 +45,7 @@ func TestLibvirtVhostUserDisk(t *testing.T) {
 	vmtest.RequireRoot(t)
 	img := vmtest.EnsureImage(t)
 	t.Cleanup(func() { checkNoMounts(t, vmtest.TrixieRoot()) })
-	bin := vuBuildVirtblkd(t)
+	bin := testenv.Build(t, "./cmd/virtblkd")
 
 	src, err := os.ReadFile(filepath.Join("..", "..", "domainxml", "testdata", "supplemental-pool.xml"))
 	if err != nil {

@@ -12,10 +12,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -31,6 +29,8 @@ import (
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha3"
 	"github.com/virtblk/virtblk/sidecar/hooktest"
 	"github.com/virtblk/virtblk/storage/store"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // TestServeSidecarGuest plays virt-launcher for a VMI whose data disk is
@@ -47,7 +47,7 @@ func TestServeSidecarGuest(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a guest")
 	}
-	bins := srvBuild(t, "virtblk-hook", "virtblk")
+	bins := map[string]string{"virtblk-hook": testenv.Build(t, "./cmd/virtblk-hook"), "virtblk": testenv.Build(t, "./cmd/virtblk")}
 	root, err := os.MkdirTemp("/tmp", "srv-e2e-")
 	if err != nil {
 		t.Fatal(err)
@@ -227,49 +227,9 @@ dmesg | grep -i "I/O error" && fail "kernel logged I/O errors"
 echo SERVE-ALL-OK
 `
 
-// srvBuild builds the named commands once into the test's temp dir.
-func srvBuild(t *testing.T, names ...string) map[string]string {
-	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	root := filepath.Join(filepath.Dir(file), "..", "..")
-	dir := t.TempDir()
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	out := map[string]string{}
-	for _, n := range names {
-		bin := filepath.Join(dir, n)
-		cmd := exec.Command(gobin, "build", "-o", bin, "./cmd/"+n)
-		cmd.Dir = root
-		if b, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("go build ./cmd/%s: %v\n%s", n, err, b)
-		}
-		out[n] = bin
-	}
-	return out
-}
-
-type srvBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *srvBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *srvBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type srvHook struct {
 	cmd     *exec.Cmd
-	stderr  *srvBuffer
+	stderr  *testenv.Buffer
 	sock    string
 	exited  chan struct{}
 	waitErr error
@@ -281,7 +241,7 @@ var srvHookSockRE = regexp.MustCompile(`^virtblk-[0-9a-f]{8}\.sock$`)
 // waits for its hook socket.
 func srvStartHook(t *testing.T, bin, hooksDir, storePath string) *srvHook {
 	t.Helper()
-	p := &srvHook{stderr: &srvBuffer{}, exited: make(chan struct{})}
+	p := &srvHook{stderr: &testenv.Buffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(bin, "--hooks-dir", hooksDir, "--plugin-dir", "", "--store-default", storePath,
 		"--store-size", "256Mi", "--log-level", "debug")
 	p.cmd.Env = append(os.Environ(), "CONTAINER_NAME=hook-sidecar-0")

@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -18,6 +17,8 @@ import (
 	"time"
 
 	"github.com/virtblk/virtblk/blkio/frontend"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // The store crash test: a block store volume served by a real back-end
@@ -44,24 +45,6 @@ const (
 	scFlushPermil = 60
 )
 
-// scBuild builds a package of this module into dir.
-func scBuild(t *testing.T, dir, pkg string) string {
-	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	root := filepath.Join(filepath.Dir(file), "..", "..")
-	bin := filepath.Join(dir, filepath.Base(pkg))
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	cmd := exec.Command(gobin, "build", "-o", bin, pkg)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build %s: %v\n%s", pkg, err, out)
-	}
-	return bin
-}
-
 // scServer starts virtblkd serving one volume of a store.
 type scServer struct {
 	bin       string
@@ -69,8 +52,8 @@ type scServer struct {
 	volume    string
 }
 
-func scNewServer(t *testing.T, dir, storePath, volume string) scServer {
-	return scServer{scBuild(t, dir, "./cmd/virtblkd"), storePath, volume}
+func scNewServer(t *testing.T, storePath, volume string) scServer {
+	return scServer{testenv.Build(t, "./cmd/virtblkd"), storePath, volume}
 }
 
 // forVolume is the same server for another volume of the store.
@@ -330,12 +313,12 @@ func TestStoreCrashKill(t *testing.T) {
 	seed := scSeed(t)
 	t.Logf("seed %d (replay the workload with VIRTBLK_CRASH_SEED=%d; kill moments are timer-driven and vary)", seed, seed)
 	dir := vuTempDir(t)
-	vb := scBuild(t, dir, "./cmd/virtblk")
+	vb := testenv.Build(t, "./cmd/virtblk")
 	storePath := filepath.Join(dir, "crash.vbs")
 	scVirtblk(t, vb, "store", "create", "--store", storePath, "--size", "256M")
 	scVirtblk(t, vb, "volume", "create", "--store", storePath, "--name", "crash", "--size", "64M")
 	scVirtblk(t, vb, "volume", "create", "--store", storePath, "--name", "other", "--size", "64M")
-	srv := scNewServer(t, dir, storePath, "crash")
+	srv := scNewServer(t, storePath, "crash")
 	sock := filepath.Join(dir, "crash.sock")
 
 	rng := rand.New(rand.NewPCG(seed, 1))
@@ -451,11 +434,11 @@ echo SC-ALL-OK
 func TestStoreCrashGuest(t *testing.T) {
 	vmtestRequireRoot(t)
 	dir := vuTempDir(t)
-	vb := scBuild(t, dir, "./cmd/virtblk")
+	vb := testenv.Build(t, "./cmd/virtblk")
 	storePath := filepath.Join(dir, "guest.vbs")
 	scVirtblk(t, vb, "store", "create", "--store", storePath, "--size", "256M")
 	scVirtblk(t, vb, "volume", "create", "--store", storePath, "--name", "vm", "--size", "64M")
-	srv := scNewServer(t, dir, storePath, "vm")
+	srv := scNewServer(t, storePath, "vm")
 	sock := filepath.Join(dir, "vm.sock")
 	d1 := srv.start(t, sock)
 

@@ -7,15 +7,15 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/virtblk/virtblk/hack/vmtest"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // These tests boot the tiny TCG guest with a vhost-user-blk-pci disk served
@@ -27,42 +27,11 @@ const (
 	vuMiB       = 1 << 20
 )
 
-// vuBuildVirtblkd builds cmd/virtblkd into the test's temp dir (the Go
-// build cache makes the second build cheap).
-func vuBuildVirtblkd(t *testing.T) string {
-	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	root := filepath.Join(filepath.Dir(file), "..", "..")
-	bin := filepath.Join(t.TempDir(), "virtblkd")
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
-	}
-	cmd := exec.Command(gobin, "build", "-o", bin, "./cmd/virtblkd")
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/virtblkd: %v\n%s", err, out)
-	}
-	return bin
-}
-
 // vuDaemon is one virtblkd process.
 type vuDaemon struct {
 	cmd  *exec.Cmd
-	log  *bytes.Buffer
-	mu   *sync.Mutex
+	log  *testenv.Buffer
 	done chan struct{}
-}
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	b  *bytes.Buffer
-}
-
-func (w lockedWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
 }
 
 func vuStart(t *testing.T, bin, sock, img string, extra ...string) *vuDaemon {
@@ -77,9 +46,9 @@ func vuStart(t *testing.T, bin, sock, img string, extra ...string) *vuDaemon {
 // not listen within 30 s; cleanup kills it.
 func vuSpawn(t *testing.T, bin, sock string, args ...string) *vuDaemon {
 	t.Helper()
-	d := &vuDaemon{log: new(bytes.Buffer), mu: new(sync.Mutex), done: make(chan struct{})}
+	d := &vuDaemon{log: new(testenv.Buffer), done: make(chan struct{})}
 	d.cmd = exec.Command(bin, args...)
-	d.cmd.Stderr = lockedWriter{d.mu, d.log}
+	d.cmd.Stderr = d.log
 	d.cmd.Stdout = d.cmd.Stderr
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -105,11 +74,7 @@ func vuSpawn(t *testing.T, bin, sock string, args ...string) *vuDaemon {
 	}
 }
 
-func (d *vuDaemon) logs() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.log.String()
-}
+func (d *vuDaemon) logs() string { return d.log.String() }
 
 // stop sends SIGTERM and requires a clean exit 0.
 func (d *vuDaemon) stop(t *testing.T) {
@@ -232,7 +197,7 @@ echo VU-ALL-OK
 
 func TestVhostUserBlkGuest(t *testing.T) {
 	vmtest.RequireRoot(t)
-	bin := vuBuildVirtblkd(t)
+	bin := testenv.Build(t, "./cmd/virtblkd")
 	dir := vuTempDir(t)
 	img := vuImage(t, dir)
 	sock := filepath.Join(dir, "vu.sock")
@@ -289,7 +254,7 @@ func TestVhostUserBlkGuest(t *testing.T) {
 // requests the old one had in flight (INFLIGHT_SHMFD).
 func TestVhostUserBlkKillRestart(t *testing.T) {
 	vmtest.RequireRoot(t)
-	bin := vuBuildVirtblkd(t)
+	bin := testenv.Build(t, "./cmd/virtblkd")
 	dir := vuTempDir(t)
 	img := vuImage(t, dir)
 	sock := filepath.Join(dir, "vu.sock")
