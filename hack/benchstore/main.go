@@ -14,7 +14,6 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"sort"
@@ -24,6 +23,7 @@ import (
 
 	"github.com/virtblk/virtblk/blkio/bench"
 	"github.com/virtblk/virtblk/blkio/frontend"
+	"github.com/virtblk/virtblk/hack/benchproc"
 	"github.com/virtblk/virtblk/storage/store"
 )
 
@@ -98,7 +98,7 @@ func runBench(args []string) error {
 		volume: "bench", queues: *queues, dir: *dir,
 	}
 	size := uint64(*sizeMiB) << 20
-	if err := prepareRaw(c.raw, int64(size), log); err != nil {
+	if err := benchproc.PrepareImage(c.raw, int64(size), log); err != nil {
 		return err
 	}
 	if err := prepareStore(ctx, c, size, log); err != nil {
@@ -125,38 +125,8 @@ func runBench(args []string) error {
 	}
 	host, _ := os.Hostname()
 	fmt.Printf("Run on %s, %s, kernel %s; %d rounds x %v per job; volume and raw image %d MiB in %s; %d back-end queues; store served by virtblkd serve --store; took %v.\n\n",
-		host, cpuModel(), kernel(), *rounds, *runtime, *sizeMiB, *dir, *queues, time.Since(started).Round(time.Second))
+		host, benchproc.CPUModel(), benchproc.Kernel(), *rounds, *runtime, *sizeMiB, *dir, *queues, time.Since(started).Round(time.Second))
 	return report(os.Stdout, js, results)
-}
-
-// prepareRaw makes path a preallocated, fully written file of size bytes,
-// so no job pays for extent conversion or reads holes.
-func prepareRaw(path string, size int64, log *slog.Logger) error {
-	if fi, err := os.Stat(path); err == nil && fi.Size() == size {
-		var st syscall.Stat_t
-		if syscall.Stat(path, &st) == nil && st.Blocks*512 >= size {
-			return nil
-		}
-	}
-	log.Info("preparing raw image", "path", path, "bytes", size)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("create raw image %s: %w", path, err)
-	}
-	defer f.Close()
-	if err := syscall.Fallocate(int(f.Fd()), 0, 0, size); err != nil {
-		return fmt.Errorf("preallocate raw image %s: %w", path, err)
-	}
-	buf := make([]byte, 4<<20)
-	for i := range buf {
-		buf[i] = byte(i*7 + i>>12 | 1)
-	}
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		if _, err := f.WriteAt(buf[:min(int64(len(buf)), size-off)], off); err != nil {
-			return fmt.Errorf("write raw image %s: %w", path, err)
-		}
-	}
-	return f.Sync()
 }
 
 // prepareStore creates a fresh store (twice the volume size: overwrites
@@ -204,11 +174,11 @@ func runJob(ctx context.Context, c config, tgt string, j jobSpec, log *slog.Logg
 	} else {
 		args = append(args, "--store", c.storePath, "--volume", c.volume)
 	}
-	p, err := startBackend(c.virtblkd, args, sock, filepath.Join(c.dir, tgt+".log"))
+	p, err := benchproc.Start(c.virtblkd, args, sock, filepath.Join(c.dir, tgt+".log"))
 	if err != nil {
 		return nil, err
 	}
-	defer p.stop(log)
+	defer p.Stop(log)
 	if j.flushOnly {
 		res, err := runFlushJob(ctx, sock, j.job)
 		if err == nil {
@@ -221,7 +191,7 @@ func runJob(ctx context.Context, c config, tgt string, j jobSpec, log *slog.Logg
 	if err != nil {
 		return nil, err
 	}
-	res, err := bench.Run(ctx, t, j.job, bench.ProcessCPU{PID: p.cmd.Process.Pid})
+	res, err := bench.Run(ctx, t, j.job, bench.ProcessCPU{PID: p.PID()})
 	if cerr := t.Close(); cerr != nil && err == nil {
 		err = cerr
 	}
@@ -231,45 +201,6 @@ func runJob(ctx context.Context, c config, tgt string, j jobSpec, log *slog.Logg
 	res.Target = tgt
 	log.Info("job", "target", tgt, "job", j.name, "iops", int(res.IOPS), "mean_us", int(res.LatMean), "p99_us", int(res.LatP99))
 	return res, nil
-}
-
-type backend struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	logf *os.File
-}
-
-func startBackend(bin string, args []string, sock, logPath string) (*backend, error) {
-	os.Remove(sock)
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-	b := &backend{cmd: cmd, done: make(chan struct{}), logf: logf}
-	go func() { cmd.Wait(); close(b.done) }()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if fi, err := os.Stat(sock); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			return b, nil
-		}
-		select {
-		case <-b.done:
-			logf.Close()
-			tail, _ := os.ReadFile(logPath)
-			return nil, fmt.Errorf("%s exited before listening on %s: %s", bin, sock, tail)
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			b.stop(nil)
-			return nil, fmt.Errorf("%s did not listen on %s within 30s (log %s)", bin, sock, logPath)
-		}
-	}
 }
 
 // runFlushJob writes 4 KiB at a random offset, waits for it, then times a
@@ -329,41 +260,6 @@ func runFlushJob(ctx context.Context, sock string, j bench.Job) (*bench.Result, 
 	}, nil
 }
 
-func (b *backend) stop(log *slog.Logger) {
-	b.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-b.done:
-	case <-time.After(30 * time.Second):
-		if log != nil {
-			log.Warn("back-end ignored SIGTERM for 30s; killing", "pid", b.cmd.Process.Pid)
-		}
-		b.cmd.Process.Kill()
-		<-b.done
-	}
-	b.logf.Close()
-}
-
-func median(xs []float64) float64 {
-	s := append([]float64(nil), xs...)
-	sort.Float64s(s)
-	switch n := len(s); {
-	case n == 0:
-		return 0
-	case n%2 == 1:
-		return s[n/2]
-	default:
-		return (s[n/2-1] + s[n/2]) / 2
-	}
-}
-
-func med(rs []*bench.Result, f func(*bench.Result) float64) float64 {
-	xs := make([]float64, len(rs))
-	for i, r := range rs {
-		xs[i] = f(r)
-	}
-	return median(xs)
-}
-
 // ratio is the median over rounds of store/raw within each round (the two
 // ran seconds apart under about the same load), with each round's ratio.
 func ratio(rs map[string][]*bench.Result, f func(*bench.Result) float64) (float64, string) {
@@ -376,7 +272,7 @@ func ratio(rs map[string][]*bench.Result, f func(*bench.Result) float64) (float6
 			parts = append(parts, fmt.Sprintf("%.2f", f(a[i])/d))
 		}
 	}
-	return median(xs), strings.Join(parts, ", ")
+	return benchproc.Median(xs), strings.Join(parts, ", ")
 }
 
 func report(w io.Writer, js []jobSpec, results map[string]map[string][]*bench.Result) error {
@@ -390,10 +286,10 @@ func report(w io.Writer, js []jobSpec, results map[string]map[string][]*bench.Re
 				per = append(per, fmt.Sprintf("%.0f", r.IOPS))
 			}
 			fmt.Fprintf(&b, "| %s | %s | %.0f | %.1f | %.1f | %.1f | %s |\n", j.name, t,
-				med(rs, func(r *bench.Result) float64 { return r.IOPS }),
-				med(rs, func(r *bench.Result) float64 { return r.MBps }),
-				med(rs, func(r *bench.Result) float64 { return r.LatMean }),
-				med(rs, func(r *bench.Result) float64 { return r.LatP99 }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.IOPS }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.MBps }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.LatMean }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.LatP99 }),
 				strings.Join(per, " / "))
 		}
 	}
@@ -424,29 +320,4 @@ func report(w io.Writer, js []jobSpec, results map[string]map[string][]*bench.Re
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
-}
-
-func cpuModel() string {
-	b, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return "unknown CPU"
-	}
-	n, model := 0, ""
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "processor") {
-			n++
-		}
-		if i := strings.IndexByte(l, ':'); model == "" && strings.HasPrefix(l, "model name") && i >= 0 {
-			model = strings.TrimSpace(l[i+1:])
-		}
-	}
-	return fmt.Sprintf("%d x %s", n, model)
-}
-
-func kernel() string {
-	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return "unknown"
-	}
-	return strings.TrimSpace(string(b))
 }

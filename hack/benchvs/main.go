@@ -15,15 +15,14 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"sort"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/virtblk/virtblk/blkio/bench"
+	"github.com/virtblk/virtblk/hack/benchproc"
 )
 
 type jobSpec struct {
@@ -77,7 +76,7 @@ func run() error {
 	defer stop()
 
 	size := int64(*sizeGiB) << 30
-	if err := prepareImage(*image, size, log); err != nil {
+	if err := benchproc.PrepareImage(*image, size, log); err != nil {
 		return err
 	}
 	dir := *workdir
@@ -134,7 +133,7 @@ func run() error {
 	}
 	host, _ := os.Hostname()
 	fmt.Printf("Run on %s, %s, kernel %s, %d rounds x %v per job, image %s (%d GiB), back-ends started with %d queues; took %v.\n\n",
-		host, cpuModel(), kernel(), *rounds, *runtime, *image, *sizeGiB, *queues, time.Since(started).Round(time.Second))
+		host, benchproc.CPUModel(), benchproc.Kernel(), *rounds, *runtime, *image, *sizeGiB, *queues, time.Since(started).Round(time.Second))
 	return report(os.Stdout, js, targets, results)
 }
 
@@ -161,12 +160,12 @@ func runJob(ctx context.Context, tgt string, j jobSpec, image, dir string, queue
 				"--export", fmt.Sprintf("type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=%s,writable=on,num-queues=%d", sock, queues),
 			}
 		}
-		p, err := startBackend(bin, args, sock, filepath.Join(dir, tgt+".log"))
+		p, err := benchproc.Start(bin, args, sock, filepath.Join(dir, tgt+".log"))
 		if err != nil {
 			return nil, err
 		}
-		defer p.stop(log)
-		pid = p.cmd.Process.Pid
+		defer p.Stop(log)
+		pid = p.PID()
 		vt, err := bench.DialVhostUser(ctx, sock, j.queues, j.job.QueueDepth, j.job.BlockSize)
 		if err != nil {
 			return nil, err
@@ -190,112 +189,6 @@ func runJob(ctx context.Context, tgt string, j jobSpec, image, dir string, queue
 	return res, nil
 }
 
-type backend struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	logf *os.File
-}
-
-func startBackend(bin string, args []string, sock, logPath string) (*backend, error) {
-	logf, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start %s: %w", bin, err)
-	}
-	b := &backend{cmd: cmd, done: make(chan struct{}), logf: logf}
-	go func() { cmd.Wait(); close(b.done) }()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			return b, nil
-		}
-		select {
-		case <-b.done:
-			logf.Close()
-			tail, _ := os.ReadFile(logPath)
-			return nil, fmt.Errorf("%s exited before listening on %s: %s", bin, sock, tail)
-		default:
-		}
-		if time.Now().After(deadline) {
-			b.stop(nil)
-			return nil, fmt.Errorf("%s did not create %s within 20s (log %s)", bin, sock, logPath)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (b *backend) stop(log *slog.Logger) {
-	b.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-b.done:
-	case <-time.After(10 * time.Second):
-		if log != nil {
-			log.Warn("back-end ignored SIGTERM for 10s; killing", "pid", b.cmd.Process.Pid)
-		}
-		b.cmd.Process.Kill()
-		<-b.done
-	}
-	b.logf.Close()
-}
-
-// prepareImage makes sure path is a fully allocated and written file of
-// size bytes, so no benchmark pays for allocation or reads holes.
-func prepareImage(path string, size int64, log *slog.Logger) error {
-	if fi, err := os.Stat(path); err == nil && fi.Size() == size {
-		var st syscall.Stat_t
-		if syscall.Stat(path, &st) == nil && st.Blocks*512 >= size {
-			return nil
-		}
-	}
-	log.Info("preparing image", "path", path, "bytes", size)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("create image: %w", err)
-	}
-	defer f.Close()
-	if err := syscall.Fallocate(int(f.Fd()), 0, 0, size); err != nil {
-		return fmt.Errorf("fallocate image %s: %w", path, err)
-	}
-	// Write every byte once: fallocate leaves unwritten extents, whose first
-	// write costs an extent conversion that would distort write jobs.
-	buf := make([]byte, 4<<20)
-	for i := range buf {
-		buf[i] = byte(i*7 + i>>12)
-	}
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		if _, err := f.WriteAt(buf, off); err != nil {
-			return fmt.Errorf("write image: %w", err)
-		}
-	}
-	return f.Sync()
-}
-
-func median(xs []float64) float64 {
-	s := append([]float64(nil), xs...)
-	sort.Float64s(s)
-	n := len(s)
-	if n == 0 {
-		return 0
-	}
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
-}
-
-func med(rs []*bench.Result, f func(*bench.Result) float64) float64 {
-	xs := make([]float64, len(rs))
-	for i, r := range rs {
-		xs[i] = f(r)
-	}
-	return median(xs)
-}
-
 func report(w io.Writer, js []jobSpec, targets []string, results map[string]map[string][]*bench.Result) error {
 	var b strings.Builder
 	b.WriteString("| job | target | IOPS | MB/s | mean µs | p99 µs | CPU s / M I/O | IOPS per round |\n")
@@ -307,15 +200,15 @@ func report(w io.Writer, js []jobSpec, targets []string, results map[string]map[
 			for _, r := range rs {
 				rounds = append(rounds, fmt.Sprintf("%.0f", r.IOPS))
 			}
-			cpu := fmt.Sprintf("%.1f", med(rs, func(r *bench.Result) float64 { return r.CPUPerMIO }))
+			cpu := fmt.Sprintf("%.1f", benchproc.Med(rs, func(r *bench.Result) float64 { return r.CPUPerMIO }))
 			if t == tRaw {
 				cpu += "*"
 			}
 			fmt.Fprintf(&b, "| %s | %s | %.0f | %.1f | %.1f | %.1f | %s | %s |\n", j.name, t,
-				med(rs, func(r *bench.Result) float64 { return r.IOPS }),
-				med(rs, func(r *bench.Result) float64 { return r.MBps }),
-				med(rs, func(r *bench.Result) float64 { return r.LatMean }),
-				med(rs, func(r *bench.Result) float64 { return r.LatP99 }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.IOPS }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.MBps }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.LatMean }),
+				benchproc.Med(rs, func(r *bench.Result) float64 { return r.LatP99 }),
 				cpu, strings.Join(rounds, " / "))
 		}
 	}
@@ -344,7 +237,7 @@ func report(w io.Writer, js []jobSpec, targets []string, results map[string]map[
 		if len(xs) == 0 {
 			return "-"
 		}
-		return fmt.Sprintf("**%.2f** (%s)", median(xs), strings.Join(parts, ", "))
+		return fmt.Sprintf("**%.2f** (%s)", benchproc.Median(xs), strings.Join(parts, ", "))
 	}
 	iops := func(r *bench.Result) float64 { return r.IOPS }
 	cpu := func(r *bench.Result) float64 { return r.CPUPerMIO }
@@ -366,32 +259,4 @@ func report(w io.Writer, js []jobSpec, targets []string, results map[string]map[
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
-}
-
-func cpuModel() string {
-	b, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return "unknown CPU"
-	}
-	n := 0
-	model := ""
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "processor") {
-			n++
-		}
-		if model == "" && strings.HasPrefix(l, "model name") {
-			if i := strings.IndexByte(l, ':'); i >= 0 {
-				model = strings.TrimSpace(l[i+1:])
-			}
-		}
-	}
-	return fmt.Sprintf("%d x %s", n, model)
-}
-
-func kernel() string {
-	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return "unknown"
-	}
-	return strings.TrimSpace(string(b))
 }
