@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"hash/crc32"
 	"slices"
-	"sync"
 	"sync/atomic"
 )
 
@@ -33,9 +32,10 @@ import (
 //	     last entry at open must lie between them, or another process wrote
 //	     the store since and the log is stale
 //	two regions, each: epoch u64 (padded to 64 bytes), then slots of 32
-//	bytes: seq u64, vol u32, lblock u32, entry u64, pad u32, crc u32. The crc
-//	covers the slot's first 28 bytes and the region's epoch, so a slot left
-//	from an older epoch in the same region does not count.
+//	bytes: seq u64 (epoch<<32 | slot+1: the order records were made in), vol
+//	u32, lblock u32, entry u64, pad u32, crc u32. The crc covers the slot's
+//	first 28 bytes and the region's epoch, so a slot left from an older
+//	epoch in the same region does not count.
 //
 // Epoch e uses region e%2. A commit switches to epoch e+1 before it cuts
 // the records it journals, so every record of epoch e is in that cut (and
@@ -74,13 +74,17 @@ type IntentLog struct {
 	Boot string
 }
 
+// A writer takes a slot with one atomic add on state (epoch<<32 | slots
+// taken in it), which also is the record's sequence number: epochs only
+// grow, and two writes to one block are ordered by the block's stripe.
+// No lock: a writer appends under its stripe lock, and the commit that
+// switches away from an epoch cuts every stripe after the switch, so no
+// writer of epoch e-1 is left when epoch e+1 reuses its region. Header
+// fields are written by commits, one at a time.
 type intentLog struct {
-	mu    sync.RWMutex // writers share it; a commit's epoch switch excludes them
-	mem   []byte       // nil: no intent log
-	slots uint64       // per region
-	epoch uint64
-	next  atomic.Uint64 // next free slot in the active region
-	seq   atomic.Uint64
+	mem   []byte // nil: no intent log
+	slots uint64 // per region
+	state atomic.Uint64
 	full  atomic.Uint64 // writes acknowledged only after a commit because the region was full
 }
 
@@ -107,22 +111,21 @@ func (l *intentLog) add(r record) bool {
 	if l.mem == nil {
 		return true
 	}
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	i := l.next.Add(1) - 1
+	seq := l.state.Add(1)
+	epoch, i := seq>>32, seq&(1<<32-1)-1
 	if i >= l.slots {
 		l.full.Add(1)
 		return false
 	}
-	reg := l.region(l.epoch)
+	reg := l.region(epoch)
 	b := reg[intentRegionHdr+i*intentSlotSize : intentRegionHdr+(i+1)*intentSlotSize]
 	le := binary.LittleEndian
-	le.PutUint64(b[0:], l.seq.Add(1))
+	le.PutUint64(b[0:], seq)
 	le.PutUint32(b[8:], r.vol)
 	le.PutUint32(b[12:], r.lblock)
 	le.PutUint64(b[16:], r.entry)
 	le.PutUint32(b[24:], 0)
-	le.PutUint32(b[28:], slotCRC(b, l.epoch))
+	le.PutUint32(b[28:], slotCRC(b, epoch))
 	return true
 }
 
@@ -130,21 +133,16 @@ func (l *intentLog) add(r record) bool {
 // returns the epoch the commit will cover. maxSeq is the last journal
 // sequence the commit may write.
 func (l *intentLog) switchEpoch(maxSeq uint64) uint64 {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	old := l.epoch
-	l.epoch++
-	binary.LittleEndian.PutUint64(l.region(l.epoch), l.epoch)
-	l.next.Store(0)
+	old := l.state.Load() >> 32
+	binary.LittleEndian.PutUint64(l.region(old+1), old+1)
 	binary.LittleEndian.PutUint64(l.mem[ihMaxSeq:], maxSeq)
+	l.state.Store((old + 1) << 32)
 	return old
 }
 
 // covered records that every record of epoch e is durable in the journal,
 // whose last entry is now durableSeq.
 func (l *intentLog) covered(e, durableSeq uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
 	le := binary.LittleEndian
 	le.PutUint64(l.mem[ihDurableSeq:], durableSeq)
 	le.PutUint64(l.mem[ihMaxSeq:], max(durableSeq, le.Uint64(l.mem[ihMaxSeq:])))
@@ -159,7 +157,7 @@ func (l *intentLog) attach(mem []byte, uuid [16]byte, boot string, durableSeq ui
 	copy(mem[:8], make([]byte, 8)) // invalid until complete
 	clear(mem[8:])
 	le := binary.LittleEndian
-	l.mem, l.slots, l.epoch = mem, intentSlots(len(mem)), 1
+	l.mem, l.slots = mem, intentSlots(len(mem))
 	le.PutUint32(mem[ihVersion:], intentVersion)
 	le.PutUint32(mem[ihSlots:], uint32(l.slots))
 	copy(mem[ihUUID:], uuid[:])
@@ -168,8 +166,7 @@ func (l *intentLog) attach(mem []byte, uuid [16]byte, boot string, durableSeq ui
 	le.PutUint64(mem[ihDurableSeq:], durableSeq)
 	le.PutUint64(mem[ihMaxSeq:], durableSeq)
 	le.PutUint64(l.region(1), 1)
-	l.next.Store(0)
-	l.seq.Store(0)
+	l.state.Store(1 << 32)
 	copy(mem[:8], intentMagic)
 }
 

@@ -98,12 +98,7 @@ func (c *uringChannel) prepLocked(tag uint64, op uringOp) bool {
 	if sqe == nil {
 		return false
 	}
-	switch op.kind {
-	case 'r':
-		sqe.PrepRead(c.fd, op.buf, op.off, tag)
-	case 'w':
-		sqe.PrepWrite(c.fd, op.buf, op.off, tag)
-	}
+	op.prep(sqe, c.fd, tag)
 	return true
 }
 

@@ -161,14 +161,7 @@ func (d *UringDisk) loop(ready chan<- error) {
 			op := backlog[0]
 			backlog = backlog[1:]
 			next++
-			switch op.kind {
-			case 'r':
-				sqe.PrepRead(fd, op.buf, op.off, next)
-			case 'w':
-				sqe.PrepWrite(fd, op.buf, op.off, next)
-			case 'f':
-				sqe.PrepFsync(fd, uring.FsyncDatasync, next)
-			}
+			op.prep(sqe, fd, next)
 			inflight[next] = op
 		}
 		if closing && len(inflight) == 0 && len(backlog) == 0 {
@@ -189,6 +182,18 @@ func (d *UringDisk) loop(ready chan<- error) {
 			delete(inflight, c.UserData)
 			op.cb(uringResult(op, c.Res))
 		}
+	}
+}
+
+// prep fills sqe for op on fd.
+func (op uringOp) prep(sqe *uring.SQE, fd int, tag uint64) {
+	switch op.kind {
+	case 'r':
+		sqe.PrepRead(fd, op.buf, op.off, tag)
+	case 'w':
+		sqe.PrepWrite(fd, op.buf, op.off, tag)
+	case 'f':
+		sqe.PrepFsync(fd, uring.FsyncDatasync, tag)
 	}
 }
 
