@@ -303,13 +303,7 @@ func (s *Store) List() []VolumeInfo {
 				vi.Source = fmt.Sprintf("(deleted #%d)", v.src)
 			}
 		}
-		v.t.forEachLeaf(func(_ uint32, l *leaf) {
-			for i := range l.e {
-				if l.e[i].Load() != 0 {
-					vi.MappedBlocks++
-				}
-			}
-		})
+		vi.MappedBlocks = v.t.mapped()
 		out = append(out, vi)
 	}
 	slices.SortFunc(out, func(a, b VolumeInfo) int { return int(a.ID) - int(b.ID) })

@@ -72,6 +72,20 @@ func (t *tree) leafSlot(li uint32, create bool) *atomic.Pointer[leaf] {
 }
 
 // forEachLeaf calls fn for every present leaf in leaf-number order.
+// mapped counts the mapped entries (reads only atomics: safe beside
+// writers, a moment's snapshot).
+func (t *tree) mapped() uint64 {
+	var n uint64
+	t.forEachLeaf(func(_ uint32, l *leaf) {
+		for i := range l.e {
+			if l.e[i].Load() != 0 {
+				n++
+			}
+		}
+	})
+	return n
+}
+
 func (t *tree) forEachLeaf(fn func(li uint32, l *leaf)) {
 	for a := range 256 {
 		mid := t.root.kids[a].Load()
