@@ -77,18 +77,11 @@ func startQSD(t *testing.T, img string, queues int) string {
 // do submits one request on slot 0 and waits for it.
 func do(t *testing.T, q *Queue, typ uint32, sector uint64, n int) Completion {
 	t.Helper()
-	if err := q.Submit(0, typ, sector, n); err != nil {
+	c, err := q.Do(typ, sector, n)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := q.Kick(); err != nil {
-		t.Fatal(err)
-	}
-	var c [1]Completion
-	got, err := q.Reap(c[:], 1)
-	if err != nil || got != 1 {
-		t.Fatalf("reap: %d %v", got, err)
-	}
-	return c[0]
+	return c
 }
 
 // exerciseDevice runs the functional checks shared by every back-end.

@@ -141,6 +141,23 @@ func (q *Queue) Submit(slot int, typ uint32, sector uint64, n int) error {
 	return nil
 }
 
+// Do runs one request in slot 0 and waits for it, on a queue with nothing
+// else in flight. The error is the front-end's (submit, kick, reap); how
+// the back-end judged the request is the completion's Status.
+func (q *Queue) Do(typ uint32, sector uint64, n int) (Completion, error) {
+	if err := q.Submit(0, typ, sector, n); err != nil {
+		return Completion{}, err
+	}
+	if err := q.Kick(); err != nil {
+		return Completion{}, err
+	}
+	var c [1]Completion
+	if _, err := q.Reap(c[:], 1); err != nil {
+		return Completion{}, err
+	}
+	return c[0], nil
+}
+
 // Kick publishes submitted requests and notifies the back-end unless it has
 // asked not to be (EVENT_IDX avail_event or VRING_USED_F_NO_NOTIFY).
 func (q *Queue) Kick() error {

@@ -242,20 +242,11 @@ func demoVerify(ctx context.Context, sock string, queues int, out io.Writer) err
 	const chunk, chunks = 64 << 10, 32
 	pattern := func(i, j int) byte { return byte(i*131 + j*7 + 1) }
 	do := func(q *frontend.Queue, typ uint32, sector uint64, n int) error {
-		if err := q.Submit(0, typ, sector, n); err != nil {
-			return err
+		c, err := q.Do(typ, sector, n)
+		if err == nil && c.Status != frontend.StatusOK {
+			err = fmt.Errorf("request type %d at sector %d: status %d", typ, sector, c.Status)
 		}
-		if err := q.Kick(); err != nil {
-			return err
-		}
-		var c [1]frontend.Completion
-		if _, err := q.Reap(c[:], 1); err != nil {
-			return err
-		}
-		if c[0].Status != frontend.StatusOK {
-			return fmt.Errorf("request type %d at sector %d: status %d", typ, sector, c[0].Status)
-		}
-		return nil
+		return err
 	}
 	qs := fe.Queues()
 	for i := 0; i < chunks; i++ {

@@ -220,20 +220,11 @@ func runFlushJob(ctx context.Context, sock string, j bench.Job) (*bench.Result, 
 		buf[i] = byte(rng.Uint32() | 1)
 	}
 	do := func(typ uint32, sector uint64, n int) error {
-		if err := q.Submit(0, typ, sector, n); err != nil {
-			return err
+		c, err := q.Do(typ, sector, n)
+		if err == nil && c.Status != frontend.StatusOK {
+			err = fmt.Errorf("request type %d: status %d", typ, c.Status)
 		}
-		if err := q.Kick(); err != nil {
-			return err
-		}
-		var c [1]frontend.Completion
-		if _, err := q.Reap(c[:], 1); err != nil {
-			return err
-		}
-		if c[0].Status != frontend.StatusOK {
-			return fmt.Errorf("request type %d: status %d", typ, c[0].Status)
-		}
-		return nil
+		return err
 	}
 	var lat []float64
 	var flushTime time.Duration

@@ -78,20 +78,11 @@ func scVirtblk(t *testing.T, bin string, args ...string) string {
 
 // scSyncIO runs one request on q and waits for it.
 func scSyncIO(q *frontend.Queue, typ uint32, sector uint64, n int) error {
-	if err := q.Submit(0, typ, sector, n); err != nil {
-		return err
+	c, err := q.Do(typ, sector, n)
+	if err == nil && c.Status != frontend.StatusOK {
+		err = fmt.Errorf("request type %d at sector %d: status %d", typ, sector, c.Status)
 	}
-	if err := q.Kick(); err != nil {
-		return err
-	}
-	var c [1]frontend.Completion
-	if _, err := q.Reap(c[:], 1); err != nil {
-		return err
-	}
-	if c[0].Status != frontend.StatusOK {
-		return fmt.Errorf("request type %d at sector %d: status %d", typ, sector, c[0].Status)
-	}
-	return nil
+	return err
 }
 
 func scDial(t *testing.T, sock string, depth int) *frontend.Device {

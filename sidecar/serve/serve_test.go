@@ -257,18 +257,12 @@ func define(t *testing.T, h *Hook, cfg *config.Config) []byte {
 // rq runs one request on slot 0 and waits for it.
 func rq(t *testing.T, q *frontend.Queue, typ uint32, sector uint64, n int) {
 	t.Helper()
-	if err := q.Submit(0, typ, sector, n); err != nil {
+	c, err := q.Do(typ, sector, n)
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := q.Kick(); err != nil {
-		t.Fatal(err)
-	}
-	var c [1]frontend.Completion
-	if _, err := q.Reap(c[:], 1); err != nil {
-		t.Fatal(err)
-	}
-	if c[0].Status != frontend.StatusOK {
-		t.Fatalf("request type %d at sector %d: status %d", typ, sector, c[0].Status)
+	if c.Status != frontend.StatusOK {
+		t.Fatalf("request type %d at sector %d: status %d", typ, sector, c.Status)
 	}
 }
 
