@@ -92,6 +92,34 @@ func refeed(original, defined []byte, rootPorts int) ([]byte, error) {
 	return out.Marshal(), nil
 }
 
+// DefineCalls plays virt-launcher's three OnDefineDomain calls against
+// define: call 1 gets original, call 2 Refeed(original, output 1), call 3
+// RefeedAddingRootPorts(original, output 2, rootPorts). It returns the
+// three outputs.
+func DefineCalls(original []byte, rootPorts int, define func(call int, in []byte) ([]byte, error)) ([][]byte, error) {
+	in := original
+	var outs [][]byte
+	for call := 1; call <= 3; call++ {
+		out, err := define(call, in)
+		if err != nil {
+			return outs, fmt.Errorf("define call %d: %w", call, err)
+		}
+		outs = append(outs, out)
+		if call == 3 {
+			break
+		}
+		if call == 1 {
+			in, err = Refeed(original, out)
+		} else {
+			in, err = RefeedAddingRootPorts(original, out, rootPorts)
+		}
+		if err != nil {
+			return outs, fmt.Errorf("refeed after call %d: %w", call, err)
+		}
+	}
+	return outs, nil
+}
+
 // Canonical drops what libvirt's define adds between hook calls (disk
 // addresses, PCI controllers), so the domains two OnDefineDomain calls
 // returned can be compared for the same mapping.

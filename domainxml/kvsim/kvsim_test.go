@@ -2,6 +2,7 @@ package kvsim
 
 import (
 	"bytes"
+	"errors"
 	"strings"
 	"testing"
 
@@ -181,5 +182,32 @@ func TestCanonical(t *testing.T) {
 	}
 	if _, err := Canonical([]byte(`<network/>`)); err == nil {
 		t.Fatal("a non-domain document was accepted")
+	}
+}
+
+func TestDefineCalls(t *testing.T) {
+	var ins [][]byte
+	outs, err := DefineCalls([]byte(original), 2, func(call int, in []byte) ([]byte, error) {
+		if call != len(ins)+1 {
+			t.Fatalf("call %d out of order", call)
+		}
+		ins = append(ins, in)
+		return in, nil // a hook that changes nothing
+	})
+	if err != nil || len(outs) != 3 {
+		t.Fatalf("outs %d, err %v", len(outs), err)
+	}
+	want2, _ := Refeed([]byte(original), outs[0])
+	want3, _ := RefeedAddingRootPorts([]byte(original), outs[1], 2)
+	if string(ins[0]) != original || !bytes.Equal(ins[1], want2) || !bytes.Equal(ins[2], want3) {
+		t.Fatal("calls did not get virt-launcher's inputs")
+	}
+	if _, err := DefineCalls([]byte(original), 2, func(call int, in []byte) ([]byte, error) {
+		if call == 2 {
+			return nil, errors.New("boom")
+		}
+		return in, nil
+	}); err == nil || !strings.Contains(err.Error(), "define call 2: boom") {
+		t.Fatalf("error %v, want it to name call 2", err)
 	}
 }

@@ -81,23 +81,12 @@ func TestServeSidecarGuest(t *testing.T) {
 	vmi := hooktest.VMI(t, map[string]string{"virtblk.io/serve": "data:64Mi", "virtblk.io/iothreads": "2",
 		"virtblk.io/metrics-port": strconv.Itoa(port)})
 	cb := v1alpha3.NewCallbacksClient(conn)
-	var outs [][]byte
-	in := dom
-	for call := 1; call <= 3; call++ {
+	outs, err := kvsim.DefineCalls(dom, 3, func(_ int, in []byte) ([]byte, error) {
 		r, err := cb.OnDefineDomain(ctx, &v1alpha3.OnDefineDomainParams{DomainXML: in, Vmi: vmi})
-		if err != nil {
-			t.Fatalf("OnDefineDomain call %d: %v\n%s", call, err, side.stderr.String())
-		}
-		out := r.GetDomainXML()
-		outs = append(outs, out)
-		if call == 1 {
-			in, err = kvsim.Refeed(dom, out)
-		} else {
-			in, err = kvsim.RefeedAddingRootPorts(dom, out, 3)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+		return r.GetDomainXML(), err
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, side.stderr.String())
 	}
 	for i := 1; i < 3; i++ {
 		if a, b := srvCanonical(t, outs[0]), srvCanonical(t, outs[i]); !bytes.Equal(a, b) {

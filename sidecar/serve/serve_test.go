@@ -67,22 +67,11 @@ func TestRewriteConvergesUnderRefeed(t *testing.T) {
 		sidecar.IOThreadHook{},
 	}, nil)
 	ctx := context.Background()
-	in := original
-	var outs [][]byte
-	for call := 1; call <= 3; call++ {
-		out, err := h.Define(ctx, "v1alpha3", "", in, vmi)
-		if err != nil {
-			t.Fatalf("call %d: %v", call, err)
-		}
-		outs = append(outs, out)
-		if call == 1 {
-			in, err = kvsim.Refeed(original, out)
-		} else {
-			in, err = kvsim.RefeedAddingRootPorts(original, out, 3)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	outs, err := kvsim.DefineCalls(original, 3, func(_ int, in []byte) ([]byte, error) {
+		return h.Define(ctx, "v1alpha3", "", in, vmi)
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 	// libvirt adds PCI addresses and root ports between calls; apart from
 	// those, every call must define the same domain.
