@@ -131,16 +131,11 @@ func TestServeStoreVolumes(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("serve: %v", err)
 	}
-	d, _, err := store.OpenDisk(st)
+	s, closeStore, err := store.OpenPath(st, store.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
-	s, err := store.Open(d, store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	defer closeStore()
 	for name := range socks {
 		v, err := s.Volume(name)
 		if err != nil {

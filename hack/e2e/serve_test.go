@@ -341,16 +341,11 @@ func srvVhostDisk(t *testing.T, dom *libvirtxml.Domain, alias string) (string, u
 // itself (a second, independent reader of what the sidecar wrote).
 func srvReadVolume(t *testing.T, path, volume string, off uint64, n int) []byte {
 	t.Helper()
-	d, _, err := store.OpenDisk(path)
+	s, closeStore, err := store.OpenPath(path, store.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
-	s, err := store.Open(d, store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	defer closeStore()
 	v, err := s.Volume(volume)
 	if err != nil {
 		t.Fatal(err)

@@ -363,16 +363,11 @@ func TestHookServesFromStore(t *testing.T) {
 // returns n bytes of volume at off.
 func readVolume(t *testing.T, path, volume string, off uint64, n int) []byte {
 	t.Helper()
-	d, _, err := store.OpenDisk(path)
+	s, closeStore, err := store.OpenPath(path, store.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
-	s, err := store.Open(d, store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	defer closeStore()
 	rep, err := s.Verify(nil)
 	if err != nil || !rep.Clean() {
 		t.Fatalf("store not clean: %+v %v", rep, err)
