@@ -27,6 +27,8 @@ import (
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha2"
 	"github.com/virtblk/virtblk/sidecar/hookapi/v1alpha3"
 	"github.com/virtblk/virtblk/sidecar/hooktest"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // fixtureAnnotations match testdata/vmi-fio-runner.json.
@@ -93,26 +95,9 @@ func shortDir(t *testing.T) string {
 	return d
 }
 
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type hookProcess struct {
 	cmd                  *exec.Cmd
-	stderr               *lockedBuffer
+	stderr               *testenv.Buffer
 	hookSock, pluginSock string
 	exited               chan struct{}
 	waitErr              error
@@ -124,7 +109,7 @@ func startHook(t *testing.T) *hookProcess {
 	t.Helper()
 	hooksDir := shortDir(t)
 	pluginDir := filepath.Join(shortDir(t), "virtblk")
-	p := &hookProcess{stderr: &lockedBuffer{}, exited: make(chan struct{})}
+	p := &hookProcess{stderr: &testenv.Buffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(binary(t), "--hooks-dir", hooksDir, "--plugin-dir", pluginDir, "--log-level", "debug")
 	p.cmd.Stderr = p.stderr
 	if err := p.cmd.Start(); err != nil {
