@@ -178,11 +178,16 @@ func mustTree(t testing.TB, b []byte) *xmltree.Node {
 	return n
 }
 
-// schemaPath finds libvirt's domain.rng: the virtblk workspace keeps it in
-// shared/schemas beside the repository, so walk up from the test directory.
+// schemaPath finds libvirt 11.3's domain.rng: $VIRTBLK_LIBVIRT_RNG, the
+// trixie root's libvirt-common (which make test builds before the tests),
+// or the workspace's shared/schemas beside the repository; the files are
+// byte-identical.
 func schemaPath(t testing.TB) string {
 	t.Helper()
 	if p := os.Getenv("VIRTBLK_LIBVIRT_RNG"); p != "" {
+		return p
+	}
+	if p := filepath.Join(testenv.TrixieRoot(), "usr/share/libvirt/schemas/domain.rng"); fileExists(p) {
 		return p
 	}
 	dir, err := os.Getwd()
@@ -190,8 +195,7 @@ func schemaPath(t testing.TB) string {
 		t.Fatal(err)
 	}
 	for {
-		p := filepath.Join(dir, "shared", "schemas", "libvirt", "domain.rng")
-		if _, err := os.Stat(p); err == nil {
+		if p := filepath.Join(dir, "shared", "schemas", "libvirt", "domain.rng"); fileExists(p) {
 			return p
 		}
 		parent := filepath.Dir(dir)
@@ -200,8 +204,13 @@ func schemaPath(t testing.TB) string {
 		}
 		dir = parent
 	}
-	testenv.Missing(t, "libvirt schema shared/schemas/libvirt/domain.rng not found above the test directory (set VIRTBLK_LIBVIRT_RNG)")
+	testenv.Missing(t, "libvirt 11.3 schema domain.rng: build the trixie root (hack/trixie-root.sh, run by make test) or set VIRTBLK_LIBVIRT_RNG")
 	return ""
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 func xmllintPath(t testing.TB) string {

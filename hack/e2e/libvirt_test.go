@@ -17,6 +17,8 @@ import (
 
 	"github.com/virtblk/virtblk/domainxml"
 	"github.com/virtblk/virtblk/hack/vmtest"
+
+	"github.com/virtblk/virtblk/internal/testenv"
 )
 
 // libvirtEnv is a running libvirtd in the trixie root.
@@ -51,7 +53,7 @@ func (e *libvirtEnv) mustVirsh(args ...string) string {
 func startLibvirtd(t *testing.T) *libvirtEnv {
 	t.Helper()
 	run := vmtest.EnsureTrixie(t)
-	root := vmtest.TrixieRoot()
+	root := testenv.TrixieRoot()
 	env := &libvirtEnv{t: t, run: run, root: root}
 	sock := filepath.Join(root, "run/libvirt/libvirt-sock")
 	if c, err := net.Dial("unix", sock); err == nil {
@@ -171,7 +173,7 @@ func TestLibvirtIOThreadVQMapping(t *testing.T) {
 	img := vmtest.EnsureImage(t)
 	// Registered first, so it runs last: after libvirtd and every helper
 	// process are gone, nothing of the root may stay mounted on the host.
-	t.Cleanup(func() { checkNoMounts(t, vmtest.TrixieRoot()) })
+	t.Cleanup(func() { checkNoMounts(t, testenv.TrixieRoot()) })
 	env := startLibvirtd(t)
 	t.Logf("trixie root + libvirtd ready after %s", time.Since(start).Round(time.Millisecond))
 

@@ -44,7 +44,7 @@ func TestLibvirtVhostUserDisk(t *testing.T) {
 	start := time.Now()
 	vmtest.RequireRoot(t)
 	img := vmtest.EnsureImage(t)
-	t.Cleanup(func() { checkNoMounts(t, vmtest.TrixieRoot()) })
+	t.Cleanup(func() { checkNoMounts(t, testenv.TrixieRoot()) })
 	bin := testenv.Build(t, "./cmd/virtblkd")
 
 	src, err := os.ReadFile(filepath.Join("..", "..", "domainxml", "testdata", "supplemental-pool.xml"))

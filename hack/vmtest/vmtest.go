@@ -152,7 +152,7 @@ func EnsureImage(t testing.TB) Image {
 func EnsureTrixie(t testing.TB) string {
 	t.Helper()
 	RequireRoot(t)
-	if _, err := os.Stat(filepath.Join(TrixieRoot(), ".virtblk-stamp")); err != nil {
+	if _, err := os.Stat(filepath.Join(testenv.TrixieRoot(), ".virtblk-stamp")); err != nil {
 		if _, err := exec.LookPath("debootstrap"); err != nil {
 			testenv.Missing(t, "debootstrap not installed (hack/install-deps.sh)")
 		}
@@ -167,14 +167,6 @@ func EnsureTrixie(t testing.TB) string {
 		t.Fatal(err)
 	}
 	return run
-}
-
-// TrixieRoot is the directory trixie-root.sh builds into.
-func TrixieRoot() string {
-	if d := os.Getenv("VIRTBLK_TRIXIE"); d != "" {
-		return d
-	}
-	return "/var/cache/virtblk/trixie"
 }
 
 func runScript(t testing.TB, script string) {

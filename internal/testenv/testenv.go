@@ -47,6 +47,16 @@ func Root(t testing.TB, why string) {
 	}
 }
 
+// TrixieRoot is the Debian trixie root hack/trixie-root.sh builds (QEMU 10,
+// libvirt 11; make test builds it before the tests): $VIRTBLK_TRIXIE or
+// /var/cache/virtblk/trixie.
+func TrixieRoot() string {
+	if d := os.Getenv("VIRTBLK_TRIXIE"); d != "" {
+		return d
+	}
+	return "/var/cache/virtblk/trixie"
+}
+
 // Build compiles a command of this module (pkg as "./cmd/virtblkd") into a
 // temporary directory and returns the binary's path; the Go build cache
 // makes building it again in another test cheap.
