@@ -247,22 +247,10 @@ func FuzzIntentRecords(f *testing.F) {
 // OpenPath keeps the log beside a store file, with the store's owner and
 // mode, and a second open of the same store replays nothing stale.
 func TestOpenPathIntentFile(t *testing.T) {
-	dir := t.TempDir()
-	p := filepath.Join(dir, "s.vbs")
-	if err := CreateFile(p, 64<<20); err != nil {
-		t.Fatal(err)
-	}
+	p := formattedFile(t, 64<<20)
 	if err := os.Chmod(p, 0o640); err != nil {
 		t.Fatal(err)
 	}
-	d, _, err := OpenDisk(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Format(d, FormatOptions{}, Options{}); err != nil {
-		t.Fatal(err)
-	}
-	d.Close()
 	s, closeStore, err := OpenPath(p, Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -325,19 +313,7 @@ func TestOpenPathRefusals(t *testing.T) {
 // gap, and a Sync must still return (it waits for its own commit, not for
 // a quiet store).
 func TestAdminDurableUnderSteadyWrites(t *testing.T) {
-	dir := t.TempDir()
-	p := filepath.Join(dir, "s.vbs")
-	if err := CreateFile(p, 128<<20); err != nil {
-		t.Fatal(err)
-	}
-	d, _, err := OpenDisk(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Format(d, FormatOptions{}, Options{}); err != nil {
-		t.Fatal(err)
-	}
-	d.Close()
+	p := formattedFile(t, 128<<20)
 	s, closeStore, err := OpenPath(p, Options{CommitRecords: 8})
 	if err != nil {
 		t.Fatal(err)
@@ -378,4 +354,22 @@ func TestAdminDurableUnderSteadyWrites(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// formattedFile makes a formatted store file of size bytes in a temp dir.
+func formattedFile(t *testing.T, size uint64) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "s.vbs")
+	if err := CreateFile(p, size); err != nil {
+		t.Fatal(err)
+	}
+	d, _, err := OpenDisk(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := Format(d, FormatOptions{}, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
